@@ -1,0 +1,53 @@
+"""The table from ``mode=`` to the pure function that clips: the wrapper's only link to the modes.
+
+Every entry has the signature ``(config, batch, grad_scale, apply, device, clip_state) ->
+ClipResult``. A stateful (adaptive) mode reads its state from ``clip_state`` (the dict in
+``optimizer.state["clip"]``) and writes the new state back there; a stateless one ignores it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import modes
+from .config import ClipConfig
+from .modes import ClipResult
+from .norms import GradBatch
+
+__all__ = ["run_mode", "SCALAR_MODES"]
+
+Runner = Callable[[ClipConfig, GradBatch, "Tensor | None", bool, torch.device, dict], ClipResult]
+
+
+def _norm(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state) -> ClipResult:
+    return modes.clip_grad_norm(batch, cfg.max_norm, cfg.norm_type, grad_scale=grad_scale, apply=apply, device=device)
+
+
+def _per_param(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state) -> ClipResult:
+    return modes.clip_grad_norm_per_param(batch, cfg.max_norm, cfg.norm_type, grad_scale=grad_scale, device=device)
+
+
+def _value(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state) -> ClipResult:
+    return modes.clip_grad_value(batch, cfg.clip_value, cfg.norm_type, grad_scale=grad_scale, device=device)
+
+
+_RUNNERS: dict[str, Runner] = {"norm": _norm, "per_param": _per_param, "value": _value}
+
+#: Modes whose decision is one scalar coefficient: only those can honour ``apply=False``
+#: and be folded into a fused kernel's ``grad_scale``.
+SCALAR_MODES = frozenset({"norm"})
+
+
+def run_mode(
+    cfg: ClipConfig,
+    batch: GradBatch,
+    grad_scale: Tensor | None,
+    apply: bool,
+    device: torch.device,
+    clip_state: dict[str, Any],
+) -> ClipResult:
+    return _RUNNERS[cfg.mode](cfg, batch, grad_scale, apply, device, clip_state)

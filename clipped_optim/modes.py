@@ -1,0 +1,148 @@
+"""The fixed clip modes as pure functions over lists of gradient tensors.
+
+Each function measures the gradients, decides the coefficient and (unless ``apply=False``)
+clips in place. None of them reads a tensor value on the host: the decision is made with
+``clamp``/``where`` on the device, so a step costs no device-to-host synchronisation.
+
+``grad_scale`` is the loss scale still applied to the gradients (GradScaler's scale, or
+``None`` when they are already unscaled). The norms are taken of the scaled gradients and
+divided by the scale, and the unscale is merged into the clip multiply: one pass over the
+gradients instead of two.
+
+References:
+    Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent neural networks",
+    ICML 2013 (global-norm clipping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .norms import GradBatch, as_batch, clamp_, scale_, scale_each_, tensor_norms, total_norm
+
+__all__ = ["ClipResult", "clip_grad_norm", "clip_grad_value", "clip_grad_norm_per_param", "EPS"]
+
+#: Added to the norm before dividing, as ``torch.nn.utils.clip_grads_with_norm_`` does:
+#: it keeps an all-zero gradient from producing 0/0, and makes parity with torch exact.
+EPS = 1e-6
+
+
+class ClipResult(NamedTuple):
+    """What one clip measured and did.
+
+    Attributes:
+        total_norm: pre-clip global norm of the (unscaled) gradients, 0-dim.
+        clip_coef: factor the gradients were multiplied by (<= 1); for per-parameter clipping
+            the smallest one, for value clipping the ratio of the post- to the pre-clip norm.
+        param_norms: pre-clip norm of each gradient, 1-D, in input order.
+        threshold: the bound in effect (``max_norm``, or ``clip_value``), 0-dim.
+        skip: ``None``, or a 0-dim bool tensor: True asks the wrapper to skip the update
+            (a mode that detects a spike); a skipped step is handled like a non-finite one.
+    """
+
+    total_norm: Tensor
+    clip_coef: Tensor
+    param_norms: Tensor
+    threshold: Tensor
+    skip: Tensor | None = None
+
+
+def _measure(batch: GradBatch, norm_type: float, grad_scale: Tensor | None, device: torch.device):
+    total, stacked = total_norm(tensor_norms(batch, norm_type), norm_type, device)
+    if grad_scale is not None:
+        # GradScaler's scale is a power of two, so dividing the norms by it is exact.
+        scale = grad_scale.to(device)
+        total, stacked = total / scale, stacked / scale
+    return total, stacked
+
+
+def _device(batch: GradBatch, device: torch.device | None) -> torch.device:
+    if device is not None:
+        return device
+    return batch.tensors[0].device if len(batch) else torch.device("cpu")
+
+
+def global_norm_coef(total: Tensor, max_norm: float | Tensor) -> Tensor:
+    """``min(1, max_norm / (total + EPS))`` on the device, as torch computes it."""
+    return torch.clamp(max_norm / (total + EPS), max=1.0)
+
+
+def clip_grad_norm(
+    grads: Sequence[Tensor] | GradBatch,
+    max_norm: float | Tensor,
+    norm_type: float = 2.0,
+    *,
+    foreach: bool | None = None,
+    grad_scale: Tensor | None = None,
+    apply: bool = True,
+    device: torch.device | None = None,
+) -> ClipResult:
+    """Scale the gradients so that their global ``norm_type``-norm is at most ``max_norm``.
+
+    Equal to ``torch.nn.utils.clip_grad_norm_``: the direction is kept and only the length
+    shrinks. With ``apply=False`` the gradients are left alone and the caller applies
+    ``clip_coef`` (e.g. folded into a fused optimizer's ``grad_scale``).
+
+    References:
+        Pascanu et al., "On the difficulty of training recurrent neural networks", ICML 2013.
+    """
+    batch = as_batch(grads, foreach)
+    dev = _device(batch, device)
+    total, stacked = _measure(batch, norm_type, grad_scale, dev)
+    coef = global_norm_coef(total, max_norm)
+    if apply:
+        scale_(batch, coef if grad_scale is None else coef / grad_scale.to(dev))
+    return ClipResult(total, coef, stacked, torch.as_tensor(max_norm, dtype=total.dtype, device=dev))
+
+
+def clip_grad_norm_per_param(
+    grads: Sequence[Tensor] | GradBatch,
+    max_norm: float | Tensor,
+    norm_type: float = 2.0,
+    *,
+    foreach: bool | None = None,
+    grad_scale: Tensor | None = None,
+    device: torch.device | None = None,
+) -> ClipResult:
+    """Clip each gradient tensor to norm ``max_norm`` on its own.
+
+    Equal to ``clip_grad_norm_([p], max_norm, norm_type)`` for every parameter, with one
+    norm launch and one multiply launch per ``(device, dtype)`` group instead of per tensor.
+    """
+    batch = as_batch(grads, foreach)
+    dev = _device(batch, device)
+    total, stacked = _measure(batch, norm_type, grad_scale, dev)
+    coefs = torch.clamp(max_norm / (stacked + EPS), max=1.0)
+    factors = coefs if grad_scale is None else coefs / grad_scale.to(dev)
+    scale_each_(batch, factors.unbind())
+    smallest = coefs.min() if len(batch) else torch.ones((), dtype=total.dtype, device=dev)
+    return ClipResult(total, smallest, stacked, torch.as_tensor(max_norm, dtype=total.dtype, device=dev))
+
+
+def clip_grad_value(
+    grads: Sequence[Tensor] | GradBatch,
+    clip_value: float,
+    norm_type: float = 2.0,
+    *,
+    foreach: bool | None = None,
+    grad_scale: Tensor | None = None,
+    device: torch.device | None = None,
+) -> ClipResult:
+    """Clamp every gradient element into ``[-clip_value, clip_value]`` (``clip_grad_value_``).
+
+    The pre- and post-clip norms are measured for the statistics; value clipping changes the
+    direction, and their ratio (``clip_coef``) says by how much the length shrank.
+    """
+    batch = as_batch(grads, foreach)
+    dev = _device(batch, device)
+    total, stacked = _measure(batch, norm_type, grad_scale, dev)
+    if grad_scale is not None:
+        scale_(batch, grad_scale.to(dev).reciprocal())
+    clamp_(batch, clip_value)
+    after, _ = total_norm(tensor_norms(batch, norm_type), norm_type, dev)
+    coef = torch.where(total > 0, after / total.clamp(min=torch.finfo(total.dtype).tiny), 1.0)
+    return ClipResult(total, coef, stacked, torch.as_tensor(clip_value, dtype=total.dtype, device=dev))

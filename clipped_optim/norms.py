@@ -1,0 +1,129 @@
+"""Norm kernels: the one place where gradient norms are reduced.
+
+Gradients are grouped once per step by ``(device, dtype)`` so that each group costs one
+``torch._foreach_*`` launch instead of one launch per tensor. The plain per-tensor loop
+(``foreach=False``) is kept as the ground truth the fast path is tested against.
+
+Half-precision gradients are accumulated in float32: a GradScaler-scaled fp16 gradient has
+entries up to 65504, and the sum of their squares overflows fp16 long before it overflows
+float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import (
+    _device_has_foreach_support,
+    _group_tensors_by_device_and_dtype,
+)
+
+__all__ = ["GradBatch", "tensor_norms", "total_norm", "scale_", "scale_each_", "clamp_"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class GradBatch:
+    """A list of dense gradient tensors, grouped by ``(device, dtype)`` once.
+
+    The grouping is reused by the norm, the clip and the statistics of one step, so a step
+    pays for it once (``clip_grad_norm_`` groups twice).
+    """
+
+    __slots__ = ("tensors", "groups", "foreach")
+
+    def __init__(self, tensors: Sequence[Tensor], foreach: bool | None = None) -> None:
+        self.tensors = list(tensors)
+        grouped = _group_tensors_by_device_and_dtype([self.tensors], with_indices=True)  # type: ignore[list-item]
+        # {(device, dtype): (tensors, positions in self.tensors)}
+        self.groups = {key: (lists[0], idx) for key, (lists, idx) in grouped.items()}
+        self.foreach = foreach
+
+    def use_foreach(self, device: torch.device) -> bool:
+        if self.foreach is None:
+            return _device_has_foreach_support(device)
+        if self.foreach and not _device_has_foreach_support(device):
+            raise RuntimeError(f"foreach=True was passed, but foreach kernels are not supported on {device.type}")
+        return self.foreach
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def as_batch(grads: Sequence[Tensor] | GradBatch, foreach: bool | None = None) -> GradBatch:
+    return grads if isinstance(grads, GradBatch) else GradBatch(grads, foreach)
+
+
+def tensor_norms(batch: GradBatch, norm_type: float) -> list[Tensor]:
+    """Per-tensor ``norm_type``-norms, in the order of ``batch.tensors``.
+
+    float32 (or wider) results; half-precision inputs accumulate in float32.
+    """
+    out: list[Tensor] = [None] * len(batch)  # type: ignore[list-item]
+    for (device, dtype), (group, idx) in batch.groups.items():
+        acc = torch.float32 if dtype in _HALF else None
+        if batch.use_foreach(device):
+            norms = torch._foreach_norm(group, norm_type, dtype=acc)
+        else:
+            norms = [torch.linalg.vector_norm(g, norm_type, dtype=acc) for g in group]
+        for i, n in zip(idx, norms):
+            out[i] = n
+    return out
+
+
+def total_norm(norms: Sequence[Tensor], norm_type: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Reduce per-tensor norms to the global norm, exactly as ``torch.nn.utils.get_total_norm``.
+
+    Returns ``(total, stacked)``: ``stacked`` holds the per-tensor norms as one 1-D tensor
+    (the statistics keep it, so logging per-layer norms costs no extra pass).
+    """
+    if len(norms) == 0:
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        return zero, zero.reshape(0)
+    stacked = torch.stack([n.to(device) for n in norms])
+    return torch.linalg.vector_norm(stacked, norm_type), stacked
+
+
+def scale_(batch: GradBatch, coef: Tensor) -> None:
+    """Multiply every tensor in place by the 0-dim tensor ``coef``.
+
+    Always multiply, never ``if coef < 1``: reading ``coef`` on the host would be a
+    device-to-host sync, and ``x * 1.0`` is exact, so unclipped gradients stay bit-identical.
+    """
+    for (device, _), (group, _) in batch.groups.items():
+        c = coef.to(device, non_blocking=True)
+        if batch.use_foreach(device):
+            torch._foreach_mul_(group, c)
+        else:
+            for g in group:
+                g.mul_(c)
+
+
+def scale_each_(batch: GradBatch, coefs: Sequence[Tensor]) -> None:
+    """Multiply ``batch.tensors[i]`` in place by the 0-dim tensor ``coefs[i]``."""
+    for (device, _), (group, idx) in batch.groups.items():
+        cs = [coefs[i].to(device, non_blocking=True) for i in idx]
+        if batch.use_foreach(device):
+            torch._foreach_mul_(group, cs)
+        else:
+            for g, c in zip(group, cs):
+                g.mul_(c)
+
+
+def clamp_(batch: GradBatch, clip_value: float) -> None:
+    """Clamp every element into ``[-clip_value, clip_value]`` (as ``clip_grad_value_``).
+
+    Complex tensors are clamped on their real and imaginary parts, which ``torch.clamp``
+    cannot do on a complex tensor directly.
+    """
+    for (device, dtype), (group, _) in batch.groups.items():
+        if dtype.is_complex:
+            group = [torch.view_as_real(g) for g in group]
+        if batch.use_foreach(device):
+            torch._foreach_clamp_min_(group, -clip_value)
+            torch._foreach_clamp_max_(group, clip_value)
+        else:
+            for g in group:
+                g.clamp_(-clip_value, clip_value)

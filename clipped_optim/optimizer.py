@@ -1,0 +1,328 @@
+"""``ClippedOptimizer``: gather the gradients, call the clip mode, record, delegate.
+
+No clipping maths lives here: the norms are in :mod:`clipped_optim.norms`, the modes in
+:mod:`clipped_optim.modes`, the GradScaler and fused-kernel contract in :mod:`clipped_optim.amp`
+and the statistics in :mod:`clipped_optim.stats`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import amp, modes, stats
+from .dispatch import SCALAR_MODES, run_mode
+from .config import ClipConfig
+from .norms import GradBatch, scale_, tensor_norms
+
+__all__ = ["ClippedOptimizer"]
+
+_HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+class ClippedOptimizer(Optimizer):
+    """Clip the gradients, then step the wrapped optimizer.
+
+    ``ClippedOptimizer(torch.optim.AdamW(model.parameters()), max_norm=1.0)`` behaves like the
+    AdamW it wraps, with ``torch.nn.utils.clip_grad_norm_(params, 1.0)`` run before every
+    step. It *is* an ``Optimizer`` that shares ``param_groups``, ``state`` and ``defaults``
+    with the inner one, so LR schedulers, ``GradScaler`` and checkpoints work unchanged.
+
+    Args:
+        optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
+        mode: ``"norm"`` (global norm over all gradients), ``"per_param"`` (each gradient
+            tensor to ``max_norm`` on its own) or ``"value"`` (element-wise clamp).
+        max_norm: the norm bound for ``"norm"``/``"per_param"``; 1.0 is the usual choice
+            for transformers.
+        norm_type: p of the p-norm (> 0, or ``inf``); also the norm recorded in every mode.
+        clip_value: the bound of ``mode="value"`` (required there, rejected elsewhere).
+        nonfinite: what a step whose gradients hold NaN/Inf does. ``"skip"`` leaves the
+            parameters and the optimizer state untouched and counts the step; ``"raise"``
+            raises ``FloatingPointError`` before anything is updated; ``"propagate"`` steps
+            anyway, as plain torch does, with no host sync at all.
+        foreach: use the ``torch._foreach_*`` kernels (``None``: wherever the device has them).
+
+    ``"skip"`` and ``"raise"`` need to know on the host whether the norm is finite before the
+    inner step: that is the one device-to-host sync of a step. A fused inner optimizer
+    (``fused=True``) skips inside its own kernel through ``found_inf``, so then there is none.
+
+    A param group with ``"clip": False`` is neither measured nor clipped (NFNets leave the
+    final classifier unclipped).
+
+    The statistics are in ``self.state["clip"]``; see :mod:`clipped_optim.stats`.
+
+    References:
+        Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent neural networks",
+        ICML 2013.
+    """
+
+    # GradScaler hands this optimizer the scale and the overflow flag instead of unscaling
+    # itself, so the unscale merges into the clip multiply (see clipped_optim.amp).
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        mode: str = "norm",
+        max_norm: float = 1.0,
+        norm_type: float = 2.0,
+        clip_value: float | None = None,
+        nonfinite: str = "skip",
+        foreach: bool | None = None,
+        **unexpected: Any,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"ClippedOptimizer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, ClippedOptimizer):
+            raise ValueError("ClippedOptimizer: optimizer is already a ClippedOptimizer; wrap the inner one once")
+        self.config = ClipConfig.from_kwargs(
+            dict(
+                mode=mode,
+                max_norm=max_norm,
+                norm_type=norm_type,
+                clip_value=clip_value,
+                nonfinite=nonfinite,
+                foreach=foreach,
+                **unexpected,
+            )
+        )
+        self.optimizer = optimizer
+        for name in _HOOK_DICTS:
+            setattr(self, name, OrderedDict())
+        self._patch_step_function()
+        self._clip_state()
+
+    # -- sharing the inner optimizer's state: properties, because load_state_dict replaces
+    # -- the inner objects and a reference copied here would go stale.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    # -- the step
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Clip the gradients, record the statistics, then step the inner optimizer.
+
+        With a closure, the closure is evaluated and clipped first; an inner optimizer that
+        evaluates it again (LBFGS) gets every later evaluation clipped too.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale, found_inf = amp.scaler_args(self)
+        fold = amp.folds_into_kernel(self.optimizer) and self._can_fold()
+        with torch.no_grad():
+            result = self._clip(grad_scale, apply=not fold)
+        skip = self._decide(result, found_inf)
+        inner_closure = None if closure is None else self._replay(loss, closure)
+        if amp.folds_into_kernel(self.optimizer):
+            # The kernel unscales, clips and skips by itself: no host sync.
+            divisor = (1.0 if grad_scale is None else grad_scale) / result.clip_coef if fold else None
+            with amp.fused_kernel_args(self.optimizer, divisor, skip):
+                out = self.optimizer.step(inner_closure)
+        elif self._must_sync(found_inf) and bool(skip):  # the one host sync of a step
+            return loss
+        else:
+            out = self.optimizer.step(inner_closure)
+        return loss if closure is not None else out
+
+    def _can_fold(self) -> bool:
+        return self.config.mode in SCALAR_MODES and all(g.get("clip", True) for g in self.param_groups)
+
+    def _must_sync(self, found_inf: Tensor | None) -> bool:
+        return self.config.nonfinite != "propagate" or found_inf is not None
+
+    def _decide(self, result: modes.ClipResult, found_inf: Tensor | None) -> Tensor:
+        """Record the step and return the skip flag (1.0: skip), raising if asked to."""
+        finite = torch.isfinite(result.total_norm)
+        if self.config.nonfinite == "propagate":
+            skip = amp.skip_flag(found_inf, torch.ones_like(finite))
+        else:
+            skip = amp.skip_flag(found_inf, finite)
+        if result.skip is not None:  # the mode asks to skip (e.g. a detected spike)
+            skip = torch.maximum(skip, result.skip.to(skip.device, skip.dtype))
+        clip_state = self._clip_state()
+        stats.record(clip_state, result, finite, skip.bool())
+        # Under GradScaler (found_inf given) an overflow is routine, the scale is being
+        # calibrated: skipped, never raised.
+        if self.config.nonfinite == "raise" and found_inf is None and not bool(finite):
+            self._raise_nonfinite(result, int(clip_state["steps"]))
+        return skip
+
+    def _raise_nonfinite(self, result: modes.ClipResult, step: int) -> None:
+        norms = result.param_norms
+        bad = [i for i, ok in enumerate(torch.isfinite(norms).tolist()) if not ok]
+        raise FloatingPointError(
+            f"ClippedOptimizer: non-finite gradients at step {step} (global {self.config.norm_type}-norm = "
+            f"{float(result.total_norm)}); parameters and optimizer state were not updated. "
+            f"Parameters with NaN/Inf gradients, by index in optimizer order: {bad}. "
+            "Use nonfinite='skip' to skip such steps instead."
+        )
+
+    def _replay(self, loss: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """The closure for the inner step: the first call returns the loss already computed,
+        later calls (LBFGS line search) re-evaluate and clip again."""
+        first = [True]
+
+        def replay() -> Any:
+            if first[0]:
+                first[0] = False
+                return loss
+            with torch.enable_grad():
+                again = closure()
+            with torch.no_grad():
+                self._clip(None, apply=True)
+            return again
+
+        return replay
+
+    # -- gathering the gradients and calling the mode
+    def _clip(self, grad_scale: Tensor | None, apply: bool) -> modes.ClipResult:
+        clipped, unclipped, positions, n_params = self._gather_grads()
+        clip_state = self._clip_state()
+        batch = GradBatch(clipped, self.config.foreach)
+        result = run_mode(self.config, batch, grad_scale, apply, clip_state["steps"].device, clip_state)
+        if unclipped:
+            result = self._check_unclipped(result, GradBatch(unclipped, self.config.foreach), grad_scale)
+        if len(positions) != n_params:
+            full = result.param_norms.new_zeros(n_params)
+            index = torch.tensor(positions, dtype=torch.long).to(full.device, non_blocking=True)
+            result = result._replace(param_norms=full.index_copy_(0, index, result.param_norms))
+        return result
+
+    def _check_unclipped(self, result: modes.ClipResult, batch: GradBatch, grad_scale: Tensor | None):
+        """Opted-out groups are not clipped, but they are unscaled, and NaN/Inf in them still
+        counts: their norms' sum is folded into ``total_norm`` only through its finiteness."""
+        if grad_scale is not None:
+            scale_(batch, grad_scale.reciprocal())
+        norms = tensor_norms(batch, self.config.norm_type)
+        poison = sum(n.to(result.total_norm.device) for n in norms) * 0
+        return result._replace(total_norm=result.total_norm + poison)
+
+    def _gather_grads(self) -> tuple[list[Tensor], list[Tensor], list[int], int]:
+        """The gradients to clip and their positions in optimizer order, and the others."""
+        clipped: list[Tensor] = []
+        unclipped: list[Tensor] = []
+        positions: list[int] = []
+        n = 0
+        for group in self.param_groups:
+            target = clipped if group.get("clip", True) else unclipped
+            for p in group["params"]:
+                g = p.grad
+                if g is not None and g.numel() > 0:
+                    if g.is_sparse:  # norms and in-place scaling act on the coalesced values
+                        p.grad = g = g.coalesce()
+                        g = g._values()
+                    target.append(g)
+                    if target is clipped:
+                        positions.append(n)
+                n += 1
+        return clipped, unclipped, positions, n
+
+    # -- statistics and checkpoints
+    def _clip_state(self) -> dict[str, Any]:
+        state = self.optimizer.state
+        if stats.STATE_KEY not in state:  # fresh, or a plain inner state_dict was loaded
+            state[stats.STATE_KEY] = stats.new_clip_state(self.config.mode, self._device())
+        return state[stats.STATE_KEY]
+
+    def _device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The inner optimizer's state dict; the clip statistics are its ``state["clip"]``."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self.optimizer.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            state_dict = post_hook(self, state_dict) or state_dict
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a state dict of this wrapper, or a plain one of the inner optimizer."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
+        self.optimizer.load_state_dict(state_dict)
+        state = self.optimizer.state
+        state[stats.STATE_KEY] = stats.restore_clip_state(
+            state.get(stats.STATE_KEY), self.config.mode, self._device()
+        )
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def named_grad_norms(self, named_parameters: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
+        """The last step's pre-clip gradient norm of each parameter, by name.
+
+        ``opt.named_grad_norms(model.named_parameters())`` maps the recorded ``param_norms``
+        back to names; parameters this optimizer does not hold are left out. No sync.
+        """
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        norms = self._clip_state()["param_norms"]
+        if norms.numel() == 0:
+            return {}
+        return {name: norms[index[id(p)]] for name, p in named_parameters if id(p) in index}
+
+    # -- the rest of the Optimizer API, delegated
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Like torch.optim.Optimizer, hooks are not pickled (they are often lambdas); nor is
+        # the ``step`` an LR scheduler patched onto the instance.
+        return {"optimizer": self.optimizer, "config": self.config}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.optimizer = state["optimizer"]
+        self.config = state["config"]
+        for name in _HOOK_DICTS:
+            setattr(self, name, OrderedDict())
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        opts = f"mode={cfg.mode!r}, "
+        opts += f"clip_value={cfg.clip_value}, " if cfg.mode == "value" else f"max_norm={cfg.max_norm}, "
+        opts += f"norm_type={cfg.norm_type}, nonfinite={cfg.nonfinite!r}"
+        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        return f"ClippedOptimizer({opts},\n{inner}\n)"

@@ -1,0 +1,75 @@
+"""Clip statistics kept in ``optimizer.state["clip"]``.
+
+They live in the optimizer's state, not in attributes, so ``state_dict()`` carries them into a
+checkpoint. Every value is a tensor on the gradients' device and is updated in place with
+tensor arithmetic: recording a step costs no device-to-host sync. ``float()``/``int()`` on a
+value syncs, so read them when logging, not every step.
+
+Keys:
+    grad_norm: pre-clip global norm of the last step's (unscaled) gradients.
+    clip_coef: factor the last step's gradients were multiplied by (<= 1).
+    threshold: the bound in effect at the last step.
+    param_norms: pre-clip norm of each parameter's gradient at the last step, 1-D, in the
+        optimizer's parameter order (the order of ``state_dict()["param_groups"]``); 0 where
+        a parameter had no gradient. See :meth:`ClippedOptimizer.named_grad_norms`.
+    steps: calls of ``step()``.
+    clipped_steps: steps whose gradients were scaled down (``clip_coef < 1``).
+    skipped_steps: steps whose update was skipped (non-finite gradients, or a GradScaler
+        overflow), leaving parameters and optimizer state untouched.
+    nonfinite_steps: steps whose gradients held NaN/Inf, whatever the policy did with them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["STATE_KEY", "COUNTERS", "new_clip_state", "restore_clip_state", "record"]
+
+STATE_KEY = "clip"
+COUNTERS = ("steps", "clipped_steps", "skipped_steps", "nonfinite_steps")
+
+
+def new_clip_state(mode: str, device: torch.device) -> dict[str, Any]:
+    def zero(dtype: torch.dtype) -> Tensor:
+        return torch.zeros((), dtype=dtype, device=device)
+
+    state: dict[str, Any] = {"mode": mode}
+    state.update(grad_norm=zero(torch.float32), clip_coef=zero(torch.float32) + 1, threshold=zero(torch.float32))
+    state["param_norms"] = torch.zeros(0, dtype=torch.float32, device=device)
+    state.update({name: zero(torch.int64) for name in COUNTERS})
+    return state
+
+
+def restore_clip_state(loaded: dict[str, Any] | None, mode: str, device: torch.device) -> dict[str, Any]:
+    """A clip state from a checkpoint, as the step expects it.
+
+    ``load_state_dict`` copies string-keyed state shallowly: the tensors are cloned here so
+    that the in-place counter updates of later steps do not edit the caller's checkpoint.
+    """
+    state = new_clip_state(mode, device)
+    if loaded is None:
+        return state
+    if loaded.get("mode", mode) != mode:
+        raise ValueError(
+            f"ClippedOptimizer: the checkpoint's clip state was written with mode={loaded['mode']!r}, "
+            f"but this optimizer uses mode={mode!r}; construct it with the checkpoint's mode"
+        )
+    for key, value in loaded.items():
+        state[key] = value.detach().clone().to(device) if isinstance(value, Tensor) else value
+    return state
+
+
+def record(state: dict[str, Any], result: Any, finite: Tensor, skipped: Tensor) -> None:
+    """Fold one step's :class:`~clipped_optim.modes.ClipResult` into the statistics, sync-free."""
+    device = state["steps"].device
+    state["grad_norm"] = result.total_norm.detach()
+    state["clip_coef"] = result.clip_coef.detach()
+    state["threshold"] = result.threshold.detach()
+    state["param_norms"] = result.param_norms.detach()
+    state["steps"].add_(1)
+    state["clipped_steps"].add_(((result.clip_coef < 1) & finite).to(device))
+    state["skipped_steps"].add_(skipped.to(device))
+    state["nonfinite_steps"].add_((~finite).to(device))
