@@ -52,6 +52,7 @@ class ClipConfig:
     clip_value: float | None = None
     nonfinite: str = "skip"
     foreach: bool | None = None
+    history_size: int = 1000  # ring buffer of per-step norms for clipped_optim.diagnostics; 0: none
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through the back door, once
@@ -67,6 +68,9 @@ class ClipConfig:
             raise _fail("clip_value", self.clip_value, f"clip_value is only used with mode='value', not mode={self.mode!r}")
         if self.foreach is not None and not isinstance(self.foreach, bool):
             raise _fail("foreach", self.foreach, "expected True, False or None (pick per device)")
+        if not isinstance(self.history_size, numbers.Integral) or isinstance(self.history_size, bool) or self.history_size < 0:
+            raise _fail("history_size", self.history_size, "expected an integer >= 0 (0 keeps no history)")
+        set_(self, "history_size", int(self.history_size))
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> ClipConfig:

@@ -17,6 +17,10 @@ Keys:
     skipped_steps: steps whose update was skipped (non-finite gradients, or a GradScaler
         overflow), leaving parameters and optimizer state untouched.
     nonfinite_steps: steps whose gradients held NaN/Inf, whatever the policy did with them.
+    history: (only with ``history_size > 0``) a ring buffer of shape ``(history_size, 4)``,
+        one row per step with the columns of :data:`HISTORY_COLUMNS`; step ``k`` (0-based)
+        is row ``k % history_size``. Written every step on the device, read by
+        :mod:`clipped_optim.diagnostics` only when a report is asked for.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["STATE_KEY", "COUNTERS", "new_clip_state", "restore_clip_state", "record"]
+__all__ = ["STATE_KEY", "COUNTERS", "HISTORY_COLUMNS", "new_clip_state", "restore_clip_state", "record"]
 
 STATE_KEY = "clip"
 COUNTERS = ("steps", "clipped_steps", "skipped_steps", "nonfinite_steps")
+HISTORY_COLUMNS = ("grad_norm", "threshold", "clip_coef", "skipped")
 
 
-def new_clip_state(mode: str, device: torch.device) -> dict[str, Any]:
+def new_clip_state(mode: str, device: torch.device, history_size: int = 0) -> dict[str, Any]:
     def zero(dtype: torch.dtype) -> Tensor:
         return torch.zeros((), dtype=dtype, device=device)
 
@@ -40,16 +45,20 @@ def new_clip_state(mode: str, device: torch.device) -> dict[str, Any]:
     state.update(grad_norm=zero(torch.float32), clip_coef=zero(torch.float32) + 1, threshold=zero(torch.float32))
     state["param_norms"] = torch.zeros(0, dtype=torch.float32, device=device)
     state.update({name: zero(torch.int64) for name in COUNTERS})
+    if history_size > 0:
+        state["history"] = torch.zeros(history_size, len(HISTORY_COLUMNS), dtype=torch.float32, device=device)
     return state
 
 
-def restore_clip_state(loaded: dict[str, Any] | None, mode: str, device: torch.device) -> dict[str, Any]:
+def restore_clip_state(
+    loaded: dict[str, Any] | None, mode: str, device: torch.device, history_size: int = 0
+) -> dict[str, Any]:
     """A clip state from a checkpoint, as the step expects it.
 
     ``load_state_dict`` copies string-keyed state shallowly: the tensors are cloned here so
     that the in-place counter updates of later steps do not edit the caller's checkpoint.
     """
-    state = new_clip_state(mode, device)
+    state = new_clip_state(mode, device, history_size)
     if loaded is None:
         return state
     if loaded.get("mode", mode) != mode:
@@ -59,12 +68,18 @@ def restore_clip_state(loaded: dict[str, Any] | None, mode: str, device: torch.d
         )
     for key, value in loaded.items():
         state[key] = value.detach().clone().to(device) if isinstance(value, Tensor) else value
+    if history_size == 0:
+        state.pop("history", None)
+    elif state["history"].shape[0] != history_size:  # resized: keep nothing rather than misplace rows
+        state["history"] = new_clip_state(mode, device, history_size)["history"]
     return state
 
 
 def record(state: dict[str, Any], result: Any, finite: Tensor, skipped: Tensor) -> None:
     """Fold one step's :class:`~clipped_optim.modes.ClipResult` into the statistics, sync-free."""
     device = state["steps"].device
+    if "history" in state:
+        _record_history(state["history"], state["steps"], result, skipped)
     state["grad_norm"] = result.total_norm.detach()
     state["clip_coef"] = result.clip_coef.detach()
     state["threshold"] = result.threshold.detach()
@@ -73,3 +88,9 @@ def record(state: dict[str, Any], result: Any, finite: Tensor, skipped: Tensor) 
     state["clipped_steps"].add_(((result.clip_coef < 1) & finite).to(device))
     state["skipped_steps"].add_(skipped.to(device))
     state["nonfinite_steps"].add_((~finite).to(device))
+
+
+def _record_history(history: Tensor, step: Tensor, result: Any, skipped: Tensor) -> None:
+    # The row index stays a device tensor (index_copy_), so this costs no host sync.
+    row = torch.stack([t.detach().to(history) for t in (result.total_norm, result.threshold, result.clip_coef, skipped)])
+    history.index_copy_(0, (step % history.shape[0]).view(1), row.view(1, -1))

@@ -1,0 +1,98 @@
+"""The README's first command: the spike-rescue demo's claim, checked on a short run."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name: str):
+    path = os.path.join(ROOT, "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def spike_rescue():
+    return _load("spike_rescue")
+
+
+@pytest.fixture(scope="module")
+def short_run(spike_rescue, tmp_path_factory):
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path_factory.mktemp("spike_rescue")
+        metrics = spike_rescue.run(steps=200, out=str(out), progress=False, runs=2)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+    return metrics, out
+
+
+def test_unclipped_run_spikes_and_clipped_run_does_not(short_run):
+    metrics, _ = short_run
+    plain, clipped = metrics["no clipping"], metrics["max_norm=1.0"]
+    # The corrupt batches are ~10,000x the usual norm in both runs: same data, same weights.
+    assert plain["max_norm_seen"] > 1000 and clipped["max_norm_seen"] > 1000
+    assert plain["worst_spike"] > 0.15, plain
+    assert plain["worst_spike"] > 2 * clipped["worst_spike"], (plain, clipped)
+    assert clipped["steps_to_recover"] < plain["steps_to_recover"]
+    assert plain["final_loss"] > clipped["final_loss"] + 0.3, (plain, clipped)
+    assert clipped["clipped_steps"] >= 3  # at least the three corrupt batches
+    assert plain["clipped_steps"] == 0
+
+
+def test_png_written(short_run):
+    _, out = short_run
+    path = out / "spike_rescue.png"
+    assert path.stat().st_size > 10_000
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_corrupt_batches_and_loss_bug(spike_rescue):
+    spikes = spike_rescue.spike_steps_for(100)
+    batches, vocab = spike_rescue.make_batches(100, set(spikes), seed=0)
+    pad = vocab.index(spike_rescue.RARE)
+    for step, (x, y) in enumerate(batches):
+        assert bool((y == pad).all()) == (step in spikes)
+        assert bool((x == pad).any()) == (step in spikes)  # never seen in clean text
+    logits = torch.randn(*batches[0][1].shape, len(vocab))
+    loss, clean = spike_rescue.buggy_lm_loss(logits, batches[0][1], pad)
+    assert torch.allclose(loss, clean)  # no padding: the bug is invisible
+    loss, clean = spike_rescue.buggy_lm_loss(logits, batches[spikes[0]][1], pad)
+    assert math.isclose(float(loss), float(clean) * batches[0][1].numel(), rel_tol=1e-5)
+
+
+def test_training_is_deterministic(spike_rescue):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        batches, vocab = spike_rescue.make_batches(12, {6}, seed=3)
+        pad = vocab.index(spike_rescue.RARE)
+        a = spike_rescue.train("a", {"max_norm": 1.0}, batches, len(vocab), pad, seed=3, progress=False)
+        b = spike_rescue.train("b", {"max_norm": 1.0}, batches, len(vocab), pad, seed=3, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+    assert a.losses == b.losses and a.norms == b.norms
+    assert a.clipped[6] and len(a.thresholds) == 12
+
+
+def test_adaptive_mode_choice(spike_rescue):
+    import clipped_optim
+
+    mode, extra = spike_rescue.adaptive_mode()
+    assert mode in clipped_optim.MODES
+    assert mode == ("zclip" if "zclip" in clipped_optim.MODES else "per_param")
