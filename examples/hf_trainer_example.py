@@ -1,0 +1,73 @@
+"""Hugging Face ``Trainer``: pass ``optimizers=(ClippedOptimizer(...), scheduler)``, ``max_grad_norm=0``.
+
+    pip install "clipped_optim[transformers]"
+    python examples/hf_trainer_example.py
+
+A 2-layer GPT-2 built from a config (random weights, nothing downloaded) trains on random
+tokens. ``max_grad_norm=0`` turns the Trainer's own ``clip_grad_norm_`` off, so the clip
+happens once, inside ``ClippedOptimizer.step()``. The clip statistics join the Trainer's logs
+through a two-line ``log`` override (one host sync per logging step).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+try:
+    from clipped_optim import ClippedOptimizer
+except ImportError:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from clipped_optim import ClippedOptimizer
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 64, length: int = 32, vocab: int = 128, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, length), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class ClipLoggingTrainer(Trainer):
+    """Adds ``ClippedOptimizer.stats()`` to every log line."""
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        clipped = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap AcceleratedOptimizer
+        if isinstance(clipped, ClippedOptimizer):
+            logs = {**logs, **clipped.stats()}
+        super().log(logs, *args, **kwargs)
+
+
+def main(max_steps: int = 12, output_dir: str = "out/hf_trainer", max_norm: float = 1.0) -> ClipLoggingTrainer:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(config)
+    opt = ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), max_norm=max_norm)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 4))
+    args = TrainingArguments(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        max_grad_norm=0,  # the Trainer's clip off: ClippedOptimizer clips
+        logging_steps=4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = ClipLoggingTrainer(model=model, args=args, train_dataset=RandomTokens(), optimizers=(opt, scheduler))
+    trainer.train()
+    print(opt.report())
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
