@@ -145,14 +145,13 @@ class ClippedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = amp.scaler_args(self)
-        fold = amp.folds_into_kernel(self.optimizer) and self._can_fold()
         with torch.no_grad():
-            result = self._clip(grad_scale, apply=not fold)
+            result, folded = self._clip(grad_scale, fold=amp.folds_into_kernel(self.optimizer) and self._can_fold())
         skip = self._decide(result, found_inf)
         inner_closure = None if closure is None else self._replay(loss, closure)
         if amp.folds_into_kernel(self.optimizer):
             # The kernel unscales, clips and skips by itself: no host sync.
-            divisor = (1.0 if grad_scale is None else grad_scale) / result.clip_coef if fold else None
+            divisor = (1.0 if grad_scale is None else grad_scale) / result.clip_coef if folded else None
             with amp.fused_kernel_args(self.optimizer, divisor, skip):
                 out = self.optimizer.step(inner_closure)
         elif self._must_sync(found_inf) and bool(skip):  # the one host sync of a step
@@ -206,24 +205,29 @@ class ClippedOptimizer(Optimizer):
             with torch.enable_grad():
                 again = closure()
             with torch.no_grad():
-                self._clip(None, apply=True)
+                self._clip(None, fold=False)
             return again
 
         return replay
 
     # -- gathering the gradients and calling the mode
-    def _clip(self, grad_scale: Tensor | None, apply: bool) -> modes.ClipResult:
+    def _clip(self, grad_scale: Tensor | None, fold: bool) -> tuple[modes.ClipResult, bool]:
+        """Measure and clip; with ``fold`` the coefficient is left for the fused kernel to apply.
+        Returns the result and whether it was folded."""
         clipped, unclipped, positions, n_params = self._gather_grads()
         clip_state = self._clip_state()
         batch = GradBatch(clipped, self.config.foreach)
-        result = run_mode(self.config, batch, grad_scale, apply, clip_state["steps"].device, clip_state)
+        # A fused kernel takes grad_scale in float32 only: folding 1/coef would round a
+        # float64 gradient's clip to float32 precision, so float64 gradients are scaled here.
+        fold = fold and all(dtype != torch.float64 for _, dtype in batch.groups)
+        result = run_mode(self.config, batch, grad_scale, not fold, clip_state["steps"].device, clip_state)
         if unclipped:
             result = self._check_unclipped(result, GradBatch(unclipped, self.config.foreach), grad_scale)
         if len(positions) != n_params:
             full = result.param_norms.new_zeros(n_params)
             index = torch.tensor(positions, dtype=torch.long).to(full.device, non_blocking=True)
             result = result._replace(param_norms=full.index_copy_(0, index, result.param_norms))
-        return result
+        return result, fold
 
     def _check_unclipped(self, result: modes.ClipResult, batch: GradBatch, grad_scale: Tensor | None):
         """Opted-out groups are not clipped, but they are unscaled, and NaN/Inf in them still
