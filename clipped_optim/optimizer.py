@@ -104,6 +104,10 @@ class ClippedOptimizer(Optimizer):
         self.optimizer = optimizer
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
+            # Optimizers that skip Optimizer.__init__ (torch_optimizer's Lookahead) lack these,
+            # and torch's state_dict() and hooked step() read them: give them empty ones.
+            if name not in optimizer.__dict__:
+                setattr(optimizer, name, OrderedDict())
         self._patch_step_function()
         self._clip_state()
 
@@ -145,16 +149,22 @@ class ClippedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = amp.scaler_args(self)
+        fused = amp.folds_into_kernel(self.optimizer)
         with torch.no_grad():
-            result, folded = self._clip(grad_scale, fold=amp.folds_into_kernel(self.optimizer) and self._can_fold())
-        skip = self._decide(result, found_inf)
+            result, folded = self._clip(grad_scale, fold=fused and self._can_fold())
+        finite = torch.isfinite(result.total_norm)
+        skip = self._skip_flag(result, finite, found_inf)
+        stats.record(self._clip_state(), result, finite, skip.bool())
+        must_raise = self.config.nonfinite == "raise" and found_inf is None
         inner_closure = None if closure is None else self._replay(loss, closure)
-        if amp.folds_into_kernel(self.optimizer):
+        if fused:
+            if must_raise:
+                self._sync_decision(skip, finite, result)
             # The kernel unscales, clips and skips by itself: no host sync.
             divisor = (1.0 if grad_scale is None else grad_scale) / result.clip_coef if folded else None
             with amp.fused_kernel_args(self.optimizer, divisor, skip):
                 out = self.optimizer.step(inner_closure)
-        elif self._must_sync(found_inf) and bool(skip):  # the one host sync of a step
+        elif self._needs_host_decision(found_inf, result) and self._sync_decision(skip, finite, result):
             return loss
         else:
             out = self.optimizer.step(inner_closure)
@@ -163,29 +173,29 @@ class ClippedOptimizer(Optimizer):
     def _can_fold(self) -> bool:
         return self.config.mode in SCALAR_MODES and all(g.get("clip", True) for g in self.param_groups)
 
-    def _must_sync(self, found_inf: Tensor | None) -> bool:
-        return self.config.nonfinite != "propagate" or found_inf is not None
-
-    def _decide(self, result: modes.ClipResult, found_inf: Tensor | None) -> Tensor:
-        """Record the step and return the skip flag (1.0: skip), raising if asked to."""
-        finite = torch.isfinite(result.total_norm)
-        if self.config.nonfinite == "propagate":
-            skip = amp.skip_flag(found_inf, torch.ones_like(finite))
-        else:
-            skip = amp.skip_flag(found_inf, finite)
+    def _skip_flag(self, result: modes.ClipResult, finite: Tensor, found_inf: Tensor | None) -> Tensor:
+        """1.0 if the update must be skipped (float32: the fused kernels' ``found_inf``)."""
+        propagate = self.config.nonfinite == "propagate"
+        skip = amp.skip_flag(found_inf, torch.ones_like(finite) if propagate else finite)
         if result.skip is not None:  # the mode asks to skip (e.g. a detected spike)
             skip = torch.maximum(skip, result.skip.to(skip.device, skip.dtype))
-        clip_state = self._clip_state()
-        stats.record(clip_state, result, finite, skip.bool())
-        # Under GradScaler (found_inf given) an overflow is routine, the scale is being
-        # calibrated: skipped, never raised.
-        if self.config.nonfinite == "raise" and found_inf is None and not bool(finite):
-            self._raise_nonfinite(result, int(clip_state["steps"]))
         return skip
 
-    def _raise_nonfinite(self, result: modes.ClipResult, step: int) -> None:
+    def _needs_host_decision(self, found_inf: Tensor | None, result: modes.ClipResult) -> bool:
+        return self.config.nonfinite != "propagate" or found_inf is not None or result.skip is not None
+
+    def _sync_decision(self, skip: Tensor, finite: Tensor, result: modes.ClipResult) -> bool:
+        """The one device-to-host sync of a step: whether to skip, raising if the policy says so.
+        Under GradScaler an overflow is routine (the scale is calibrating): skipped, not raised."""
+        skip_now, bad = torch.stack([skip > 0, ~finite]).tolist()
+        if bad and self.config.nonfinite == "raise" and amp.scaler_args(self)[1] is None:
+            self._raise_nonfinite(result)
+        return skip_now
+
+    def _raise_nonfinite(self, result: modes.ClipResult) -> None:
         norms = result.param_norms
         bad = [i for i, ok in enumerate(torch.isfinite(norms).tolist()) if not ok]
+        step = int(self._clip_state()["steps"])
         raise FloatingPointError(
             f"ClippedOptimizer: non-finite gradients at step {step} (global {self.config.norm_type}-norm = "
             f"{float(result.total_norm)}); parameters and optimizer state were not updated. "

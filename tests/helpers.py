@@ -19,6 +19,7 @@ class Problem:
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         self.sparse = row.sparse
+        self.create_graph = row.create_graph
         if row.sparse:
             self.model = nn.Embedding(12, 5, sparse=True).to(dtype)
             self.batches = [(torch.randint(0, 12, (7,), generator=g), None) for _ in range(steps)]
@@ -30,6 +31,11 @@ class Problem:
                 for _ in range(steps)
             ]
         self.factors = [0.2, 3.0, 1.0, 8.0, 0.05, 2.0, 0.5, 4.0][:steps] * (1 + steps // 8)
+
+    def backward(self, model: nn.Module, step: int) -> torch.Tensor:
+        loss = self.loss(model, step)
+        loss.backward(create_graph=self.create_graph)
+        return loss
 
     def clone_model(self) -> nn.Module:
         return copy.deepcopy(self.model)

@@ -21,6 +21,11 @@ class OptimRow:
     sparse: bool = False
     matrix_only: bool = False
     fused: bool = False
+    create_graph: bool = False  # needs loss.backward(create_graph=True) (Adahessian)
+    lr_schedulable: bool = True  # group["lr"] is a number
+    # torch_optimizer's Lookahead.load_state_dict leaves its param_groups and its inner
+    # optimizer's as two different lists, so it does not resume bit-identically even unwrapped.
+    resumes_exactly: bool = True
 
     def __repr__(self) -> str:
         return self.name
@@ -51,3 +56,38 @@ TORCH_OPTIMIZERS = [
     OptimRow("LBFGS", lambda p: O.LBFGS(p, lr=0.5, max_iter=4, history_size=5), closure=True),
     OptimRow("SparseAdam", lambda p: O.SparseAdam(p, lr=1e-2), sparse=True),
 ]
+
+
+def _torch_optimizer_rows() -> list[OptimRow]:
+    """Every class of ``torch_optimizer`` 0.3.0; each one runs on torch 2.13 (a survey ran
+    them all, see the README for the ones with caveats)."""
+    try:
+        import torch_optimizer as T
+    except ImportError:  # the test extra is not installed: these rows are skipped
+        return []
+    lr = {"A2GradExp": None, "A2GradInc": None, "A2GradUni": None, "Adafactor": None}
+    names = [
+        "A2GradExp", "A2GradInc", "A2GradUni", "AccSGD", "AdaBelief", "AdaBound", "AdaMod", "Adafactor",
+        "Adahessian", "AdamP", "AggMo", "Apollo", "DiffGrad", "LARS", "Lamb", "MADGRAD", "NovoGrad", "PID",
+        "QHAdam", "QHM", "RAdam", "Ranger", "RangerQH", "RangerVA", "SGDP", "SGDW", "SWATS", "Shampoo", "Yogi",
+    ]  # fmt: skip
+    rows = []
+    for name in names:
+        cls = getattr(T, name)
+        kwargs = {} if name in lr else {"lr": 0.01}
+        rows.append(
+            OptimRow(
+                f"torch_optimizer.{name}",
+                lambda p, cls=cls, kwargs=kwargs: cls(p, **kwargs),
+                create_graph=name == "Adahessian",
+                lr_schedulable=name not in lr,
+            )
+        )
+    for inner, build in {"SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "Adam": lambda p: torch.optim.Adam(p)}.items():
+        rows.append(
+            OptimRow(f"torch_optimizer.Lookahead({inner})", lambda p, b=build: T.Lookahead(b(p), k=3), resumes_exactly=False)
+        )
+    return rows
+
+
+TORCH_OPTIMIZER_ROWS = _torch_optimizer_rows()

@@ -179,3 +179,43 @@ def test_state_dict_is_the_inner_format_plus_clip():
     fresh.load_state_dict(plain.state_dict())
     assert int(fresh.state["clip"]["steps"]) == 0
     torch.testing.assert_close(fresh.state[next(model.parameters())]["exp_avg"], opt.state[next(model.parameters())]["exp_avg"])
+
+
+from optim_table import TORCH_OPTIMIZER_ROWS, TORCH_OPTIMIZERS  # noqa: E402
+
+ALL_ROWS = [r for r in TORCH_OPTIMIZERS + TORCH_OPTIMIZER_ROWS if not (r.sparse or r.closure)]
+
+
+@pytest.mark.parametrize("row", ALL_ROWS, ids=repr)
+def test_checkpoint_roundtrip_and_scheduler_for_every_optimizer(row):
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5, bias=not row.matrix_only), nn.Tanh(), nn.Linear(5, 2, bias=not row.matrix_only))
+        opt = ClippedOptimizer(row.build(list(model.parameters())), max_norm=0.1)
+        sched = S.StepLR(opt, step_size=1, gamma=0.5) if row.lr_schedulable else None
+        return model, opt, sched
+
+    def train(model, opt, sched, steps):
+        for i in steps:
+            g = torch.Generator().manual_seed(i)
+            model(torch.randn(6, 4, generator=g)).pow(2).sum().backward(create_graph=row.create_graph)
+            torch.manual_seed(i)
+            opt.step()
+            opt.zero_grad()
+            if sched is not None:
+                sched.step()
+
+    model, opt, sched = build()
+    train(model, opt, sched, range(4))
+    model2, opt2, sched2 = build()
+    train(model2, opt2, sched2, range(2))
+    ckpt = pickle.loads(pickle.dumps((model2.state_dict(), opt2.state_dict(), sched2 and sched2.state_dict())))
+    model3, opt3, sched3 = build()
+    model3.load_state_dict(ckpt[0])
+    opt3.load_state_dict(ckpt[1])
+    if sched3 is not None:
+        sched3.load_state_dict(ckpt[2])
+    train(model3, opt3, sched3, range(2, 4))
+    for p, q in zip(model.parameters(), model3.parameters()):
+        assert torch.equal(p, q) or not row.resumes_exactly
+    assert int(opt3.state["clip"]["steps"]) == 4 and int(opt3.state["clip"]["clipped_steps"]) == 4
