@@ -36,7 +36,7 @@ class GradBatch:
 
     def __init__(self, tensors: Sequence[Tensor], foreach: bool | None = None) -> None:
         self.tensors = list(tensors)
-        grouped = _group_tensors_by_device_and_dtype([self.tensors], with_indices=True)  # type: ignore[list-item]
+        grouped = _group_tensors_by_device_and_dtype([self.tensors], with_indices=True) if self.tensors else {}  # type: ignore[list-item]
         # {(device, dtype): (tensors, positions in self.tensors)}
         self.groups = {key: (lists[0], idx) for key, (lists, idx) in grouped.items()}
         self.foreach = foreach
@@ -80,8 +80,7 @@ def total_norm(norms: Sequence[Tensor], norm_type: float, device: torch.device) 
     (the statistics keep it, so logging per-layer norms costs no extra pass).
     """
     if len(norms) == 0:
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        return zero, zero.reshape(0)
+        return torch.zeros((), device=device), torch.zeros(0, device=device)
     stacked = torch.stack([n.to(device) for n in norms])
     return torch.linalg.vector_norm(stacked, norm_type), stacked
 
