@@ -58,6 +58,18 @@ TORCH_OPTIMIZERS = [
 ]
 
 
+def _with_hook_dicts(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Lookahead skips ``Optimizer.__init__``. Once any Lookahead has gone through torch's
+    ``load_state_dict`` or ``__setstate__``, the class's ``step`` is hooked and reads hook dicts
+    that an unwrapped Lookahead lacks: the unwrapped reference gets them the way the wrapper
+    gives them to the one it wraps."""
+    from collections import OrderedDict
+
+    for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre", "load_state_dict_post"):
+        opt.__dict__.setdefault(f"_optimizer_{name}_hooks", OrderedDict())
+    return opt
+
+
 def _torch_optimizer_rows() -> list[OptimRow]:
     """Every class of ``torch_optimizer`` 0.3.0; each one runs on torch 2.13 (a survey ran
     them all, see the README for the ones with caveats)."""
@@ -85,7 +97,11 @@ def _torch_optimizer_rows() -> list[OptimRow]:
         )
     for inner, build in {"SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "Adam": lambda p: torch.optim.Adam(p)}.items():
         rows.append(
-            OptimRow(f"torch_optimizer.Lookahead({inner})", lambda p, b=build: T.Lookahead(b(p), k=3), resumes_exactly=False)
+            OptimRow(
+                f"torch_optimizer.Lookahead({inner})",
+                lambda p, b=build: _with_hook_dicts(T.Lookahead(b(p), k=3)),
+                resumes_exactly=False,
+            )
         )
     return rows
 
