@@ -110,3 +110,23 @@ def test_bf16_autocast_without_scaler():
         opt.zero_grad()
     assert int(opt.state["clip"]["clipped_steps"]) == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_scheduler_does_not_warn_when_the_first_step_overflows():
+    # Unwrapped, a skipped first scaler step makes the LR scheduler warn that it ran before
+    # optimizer.step(); the wrapper's step is always called (it skips internally).
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(torch.randn(2, 3)).sum()).backward()
+    model.weight.grad.fill_(float("inf"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+    assert int(opt.state["clip"]["skipped_steps"]) == 1
