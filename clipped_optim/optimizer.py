@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import amp, modes, stats
+from . import amp, distributed, modes, stats
 from .dispatch import SCALAR_MODES, run_mode
 from .config import ClipConfig
 from .norms import GradBatch, scale_, tensor_norms
@@ -53,6 +53,10 @@ class ClippedOptimizer(Optimizer):
             raises ``FloatingPointError`` before anything is updated; ``"propagate"`` steps
             anyway, as plain torch does, with no host sync at all.
         foreach: use the ``torch._foreach_*`` kernels (``None``: wherever the device has them).
+        process_group: for manual sharding only (ZeRO-style optimizers, FSDP1, pipeline
+            stages): the group over which each rank's gradients are slices of the whole; the
+            norm is then reduced over it. DDP and FSDP2/DTensor need nothing; see
+            :mod:`clipped_optim.distributed`.
 
     ``"skip"`` and ``"raise"`` need to know on the host whether the norm is finite before the
     inner step: that is the one device-to-host sync of a step. A fused inner optimizer
@@ -82,6 +86,7 @@ class ClippedOptimizer(Optimizer):
         clip_value: float | None = None,
         nonfinite: str = "skip",
         foreach: bool | None = None,
+        process_group: Any = None,
         **unexpected: Any,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -98,10 +103,12 @@ class ClippedOptimizer(Optimizer):
                 clip_value=clip_value,
                 nonfinite=nonfinite,
                 foreach=foreach,
+                process_group=process_group,
                 **unexpected,
             )
         )
         self.optimizer = optimizer
+        self._reduction = distributed.plan_reduction(self.config, self.param_groups)
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
@@ -215,7 +222,8 @@ class ClippedOptimizer(Optimizer):
     def _clip(self, grad_scale: Tensor | None, apply: bool) -> modes.ClipResult:
         clipped, unclipped, positions, n_params = self._gather_grads()
         clip_state = self._clip_state()
-        batch = GradBatch(clipped, self.config.foreach)
+        local, sharding = distributed.local_grads(clipped, self._reduction)
+        batch = GradBatch(local, self.config.foreach, sharding)
         result = run_mode(self.config, batch, grad_scale, apply, clip_state["steps"].device, clip_state)
         if unclipped:
             result = self._check_unclipped(result, GradBatch(unclipped, self.config.foreach), grad_scale)
@@ -315,6 +323,7 @@ class ClippedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.optimizer = state["optimizer"]
         self.config = state["config"]
+        self._reduction = distributed.plan_reduction(self.config, self.param_groups)
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
