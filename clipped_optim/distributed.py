@@ -28,6 +28,7 @@ takes the same skip decision.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -223,7 +224,12 @@ def get_optimizer_state_dict(model: torch.nn.Module, optimizer: Any, options: An
     """``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` for a ClippedOptimizer.
 
     The result is torch's (parameter names as keys, DTensor states) plus ``"clip"``: the
-    statistics. Save it with ``torch.distributed.checkpoint.save`` like any state dict.
+    statistics, serialised to ``bytes``. Opaque on purpose: ``torch.distributed.checkpoint``
+    must know every tensor's shape before a load, and ``param_norms`` (one per parameter,
+    empty before the first step; local to each rank) has none it could know; as one opaque
+    item the statistics load whatever their shape. The non-tensor items of a checkpoint are
+    written by one rank; every value but ``param_norms`` is the same on all ranks.
+    Save the result with ``torch.distributed.checkpoint.save`` like any state dict.
     """
     from torch.distributed.checkpoint import state_dict as sd
 
@@ -234,7 +240,9 @@ def get_optimizer_state_dict(model: torch.nn.Module, optimizer: Any, options: An
         if clip is not None:
             inner.state[CLIP_KEY] = clip
     if clip is not None:
-        osd[CLIP_KEY] = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in clip.items()}
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in clip.items()}, buffer)
+        osd[CLIP_KEY] = buffer.getvalue()
     return osd
 
 
@@ -254,5 +262,6 @@ def set_optimizer_state_dict(
             inner.state[CLIP_KEY] = current
     config = getattr(optimizer, "config", None)
     if current is not None and config is not None:
-        device = current["steps"].device
-        inner.state[CLIP_KEY] = restore_clip_state(clip, config.mode, device)
+        if isinstance(clip, (bytes, bytearray)):
+            clip = torch.load(io.BytesIO(clip), weights_only=True)
+        inner.state[CLIP_KEY] = restore_clip_state(clip, config.mode, current["steps"].device)
