@@ -184,19 +184,22 @@ def local_grads(grads: Sequence[Tensor], reduction: Reduction | None) -> tuple[l
     return tensors, Sharding(reduction.group, shared, local)
 
 
-def _pnorm(norms: list[Tensor], norm_type: float, device: torch.device) -> Tensor:
-    if not norms:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+def _pnorm(stacked: Tensor, index: list[int], norm_type: float) -> Tensor:
+    """The ``norm_type``-norm of the entries ``index`` of the 1-D ``stacked``."""
+    if not index:
+        return stacked.new_zeros(())
+    if len(index) < len(stacked):  # a mix; all-shared (FSDP2) and all-local skip the gather
+        stacked = stacked.index_select(0, torch.tensor(index, device=stacked.device))
+    return torch.linalg.vector_norm(stacked, norm_type)
 
 
-def reduce_total_norm(norms: Sequence[Tensor], norm_type: float, device: torch.device, sharding: Sharding) -> Tensor:
-    """The global ``norm_type``-norm from this rank's per-piece norms: one all-reduce.
+def reduce_total_norm(stacked: Tensor, norm_type: float, sharding: Sharding) -> Tensor:
+    """The global ``norm_type``-norm from this rank's per-piece norms ``stacked``: one all-reduce.
 
     Every rank of ``sharding.group`` must call it, with or without pieces of its own.
     """
-    shared = _pnorm([norms[i] for i in sharding.shared], norm_type, device)
-    local = _pnorm([norms[i] for i in sharding.local], norm_type, device)
+    shared = _pnorm(stacked, sharding.shared, norm_type)
+    local = _pnorm(stacked, sharding.local, norm_type)
     if norm_type == float("inf"):
         # max() may drop a NaN; +inf survives MAX and is non-finite all the same.
         shared = torch.nan_to_num(shared, nan=float("inf"))

@@ -90,7 +90,7 @@ def total_norm(
     """
     if sharding is not None:
         stacked = torch.stack([n.to(device) for n in norms]) if norms else torch.zeros(0, device=device)
-        return reduce_total_norm(norms, norm_type, device, sharding), stacked
+        return reduce_total_norm(stacked, norm_type, sharding), stacked
     if len(norms) == 0:
         zero = torch.zeros((), dtype=torch.float32, device=device)
         return zero, zero.reshape(0)

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from . import amp, distributed, modes, stats
 from .dispatch import SCALAR_MODES, run_mode
 from .config import ClipConfig
-from .norms import GradBatch, scale_, tensor_norms
+from .norms import GradBatch, scale_, tensor_norms, total_norm
 
 __all__ = ["ClippedOptimizer"]
 
@@ -169,7 +169,10 @@ class ClippedOptimizer(Optimizer):
         return loss if closure is not None else out
 
     def _can_fold(self) -> bool:
-        return self.config.mode in SCALAR_MODES and all(g.get("clip", True) for g in self.param_groups)
+        return self.config.mode in SCALAR_MODES and self._can_fold_groups()
+
+    def _can_fold_groups(self) -> bool:
+        return all(g.get("clip", True) for g in self.param_groups)
 
     def _must_sync(self, found_inf: Tensor | None) -> bool:
         return self.config.nonfinite != "propagate" or found_inf is not None
@@ -225,8 +228,11 @@ class ClippedOptimizer(Optimizer):
         local, sharding = distributed.local_grads(clipped, self._reduction)
         batch = GradBatch(local, self.config.foreach, sharding)
         result = run_mode(self.config, batch, grad_scale, apply, clip_state["steps"].device, clip_state)
-        if unclipped:
-            result = self._check_unclipped(result, GradBatch(unclipped, self.config.foreach), grad_scale)
+        # Sharded: every rank must join the opt-outs' all-reduce, so decide by the groups, not
+        # by which gradients this rank happens to have.
+        if unclipped or (self._reduction is not None and not self._can_fold_groups()):
+            local, sharding = distributed.local_grads(unclipped, self._reduction)
+            result = self._check_unclipped(result, GradBatch(local, self.config.foreach, sharding), grad_scale)
         if len(positions) != n_params:
             full = result.param_norms.new_zeros(n_params)
             index = torch.tensor(positions, dtype=torch.long).to(full.device, non_blocking=True)
@@ -239,7 +245,8 @@ class ClippedOptimizer(Optimizer):
         if grad_scale is not None:
             scale_(batch, grad_scale.reciprocal())
         norms = tensor_norms(batch, self.config.norm_type)
-        poison = sum(n.to(result.total_norm.device) for n in norms) * 0
+        # total_norm reduces over the ranks when sharded: a NaN on one rank poisons all of them.
+        poison = total_norm(norms, self.config.norm_type, result.total_norm.device, batch.sharding)[0] * 0
         return result._replace(total_norm=result.total_norm + poison)
 
     def _gather_grads(self) -> tuple[list[Tensor], list[Tensor], list[int], int]:

@@ -202,6 +202,18 @@ def _ddp_fsdp1_worker(rank: int, world: int) -> None:
     assert math.isnan(float(opt.state["clip"]["grad_norm"]))
     assert all(torch.equal(p, q) for p, q in zip(mine, before))
 
+    # A NaN in an opted-out group ("clip": False) of rank 1 only: still every rank skips.
+    groups = [{"params": mine[:1]}, {"params": mine[1:], "clip": False}]
+    opt = ClippedOptimizer(torch.optim.SGD(groups, lr=0.1), max_norm=max_norm, process_group=dist.group.WORLD)
+    model.zero_grad()
+    _loss(model, *_data(0)).backward()
+    if rank == 1:
+        mine[-1].grad.view(-1)[0] = math.nan
+    before = [p.detach().clone() for p in mine]
+    opt.step()
+    assert int(opt.state["clip"]["skipped_steps"]) == 1
+    assert all(torch.equal(p, q) for p, q in zip(mine, before))
+
     # Bad input at construction: per-parameter clipping of slices would clip each slice alone.
     with pytest.raises(ValueError, match="per_param"):
         ClippedOptimizer(torch.optim.SGD(mine, lr=0.1), mode="per_param", process_group=dist.group.WORLD)
