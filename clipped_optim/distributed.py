@@ -176,6 +176,10 @@ def local_grads(grads: Sequence[Tensor], reduction: Reduction | None) -> tuple[l
             if _counts_here(g):
                 shared.append(i)
             g = g.to_local()
+            if g.numel() == 0:
+                # Uneven sharding leaves some ranks an empty shard, whose inf-norm torch
+                # refuses (no identity); a scratch zero measures 0 and scaling it is harmless.
+                g = g.new_zeros(1)
         elif reduction.plain_shared:
             shared.append(i)
         else:

@@ -169,9 +169,9 @@ class ClippedOptimizer(Optimizer):
         return loss if closure is not None else out
 
     def _can_fold(self) -> bool:
-        return self.config.mode in SCALAR_MODES and self._can_fold_groups()
+        return self.config.mode in SCALAR_MODES and self._all_groups_clipped()
 
-    def _can_fold_groups(self) -> bool:
+    def _all_groups_clipped(self) -> bool:
         return all(g.get("clip", True) for g in self.param_groups)
 
     def _must_sync(self, found_inf: Tensor | None) -> bool:
@@ -230,7 +230,7 @@ class ClippedOptimizer(Optimizer):
         result = run_mode(self.config, batch, grad_scale, apply, clip_state["steps"].device, clip_state)
         # Sharded: every rank must join the opt-outs' all-reduce, so decide by the groups, not
         # by which gradients this rank happens to have.
-        if unclipped or (self._reduction is not None and not self._can_fold_groups()):
+        if unclipped or (self._reduction is not None and not self._all_groups_clipped()):
             local, sharding = distributed.local_grads(unclipped, self._reduction)
             result = self._check_unclipped(result, GradBatch(local, self.config.foreach, sharding), grad_scale)
         if len(positions) != n_params:

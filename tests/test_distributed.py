@@ -312,11 +312,12 @@ def _mesh_worker(rank: int, world: int) -> None:
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     layouts = [(Replicate(), Shard(0)), (Shard(0), Replicate()), (Replicate(), Replicate()), (Shard(0), Shard(1))]
+    layouts.append((Replicate(), Shard(0)))  # one row on two tp ranks: an empty local shard
     torch.manual_seed(0)  # the same full tensors on every rank
-    full_grads = [torch.randn(4, 6) * (i + 1) for i in range(len(layouts))]
+    full_grads = [torch.randn(4, 6) * (i + 1) for i in range(len(layouts) - 1)] + [torch.randn(1, 6)]
     full_grads[1] = full_grads[1] * 7  # the largest entry sits in a Replicate-sharded tensor
     for norm_type in (2.0, 1.0, math.inf):
-        params = [distribute_tensor(torch.zeros(4, 6), mesh, list(pl)) for pl in layouts]
+        params = [distribute_tensor(torch.zeros_like(g), mesh, list(pl)) for g, pl in zip(full_grads, layouts)]
         plain = torch.zeros(5)  # an unsharded parameter, complete on every rank
         for p, g in zip(params, full_grads):
             p.grad = distribute_tensor(g.clone(), mesh, p.placements)
