@@ -29,10 +29,7 @@ from torch import nn
 from clipped_optim import ClippedOptimizer
 from clipped_optim import distributed as cdist
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
-]
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 BATCH, DIM, STEPS = 8, 6, 3
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -219,6 +216,7 @@ def _ddp_fsdp1_worker(rank: int, world: int) -> None:
         ClippedOptimizer(torch.optim.SGD(mine, lr=0.1), mode="per_param", process_group=dist.group.WORLD)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_ddp_fsdp1_and_process_group_match_single_process():
     _spawn(_ddp_fsdp1_worker, 2)
@@ -262,6 +260,12 @@ def _fsdp2_worker(rank: int, world: int, ckpt_dir: str) -> None:
             torch.testing.assert_close(clipped, torch.clamp(torch_norm, max=0.5), rtol=1e-5, atol=1e-5)
         _assert_same(norms, list(model.parameters()), ref_norms, ref_params)
 
+    # A fused inner optimizer: the global coefficient is folded into its kernel's grad_scale.
+    ref_norms, ref_params = _reference(STEPS, 0.5)
+    fused = _fsdp2_model(world)
+    fused_opt = ClippedOptimizer(torch.optim.AdamW(fused.parameters(), lr=0.05, fused=True), max_norm=0.5)
+    _assert_same(_train(fused, fused_opt, rank, world, STEPS), list(fused.parameters()), ref_norms, ref_params)
+
     # NaN in rank 1's local shard only: the reduced norm is NaN on both ranks, both skip.
     opt.zero_grad()
     x, y = _data(0)
@@ -299,6 +303,7 @@ def _fsdp2_worker(rank: int, world: int, ckpt_dir: str) -> None:
     assert int(opt2.state["clip"]["steps"]) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_fsdp2_matches_single_process_and_resumes():
     with tempfile.TemporaryDirectory() as ckpt_dir:
@@ -335,6 +340,7 @@ def _mesh_worker(rank: int, world: int) -> None:
         torch.testing.assert_close(plain, -torch.arange(5.0) * coef, **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_replicate_and_shard_mix_on_2d_mesh_counts_each_element_once():
     _spawn(_mesh_worker, 4)
