@@ -11,6 +11,10 @@ iteration after a barrier:
     reduced    ClippedOptimizer step with process_group=WORLD: one all-reduce of a scalar
     allreduce  a bare dist.all_reduce of one float32 scalar
 
+Then, on an FSDP2 model (24 sharded Linear(256, 256) blocks: 48 DTensor gradients), the
+wrapper's step against ``torch.nn.utils.clip_grad_norm_`` on the DTensors plus the same
+inner step.
+
 Reported: rank 0's medians, the paired ratio reduced/local (the price of the collective),
 and each variant's median against the single-process (world 1) median of ``local``.
 With more processes than the 2 cores of this machine the ranks share cores, so the ratio to
@@ -79,11 +83,45 @@ def _worker(rank: int, world: int, port: int, iters: int, out) -> None:
             t = _timed(steps[v])
             if i >= 5:  # warm-up
                 times[v].append(t)
+    times.update(_fsdp2_times(world, iters))
     if rank == 0:
         out.put(times)
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
+
+
+def _fsdp2_times(world: int, iters: int) -> dict[str, list[float]]:
+    """FSDP2: 24 Linear(256, 256) blocks, each sharded (48 DTensor gradients); the wrapper's
+    step against torch's ``clip_grad_norm_`` on the DTensors followed by the same inner step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(24)])
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model(torch.randn(8, 256)).square().mean().backward()
+    params = list(model.parameters())
+    grads = [p.grad.to_local().clone() for p in params]
+    inner = torch.optim.SGD(params, lr=1e-6, foreach=True)
+    wrapped = ClippedOptimizer(torch.optim.SGD(params, lr=1e-6, foreach=True), max_norm=1e-3)
+
+    def torch_clip():
+        torch.nn.utils.clip_grad_norm_(params, 1e-3)
+        inner.step()
+
+    steps = {"fsdp2 inner": inner.step, "fsdp2 torch clip": torch_clip, "fsdp2 wrapper": wrapped.step}
+    times: dict[str, list[float]] = {v: [] for v in steps}
+    for i in range(iters + 5):
+        for v, fn in steps.items():
+            torch._foreach_copy_([p.grad.to_local() for p in params], grads)
+            t = _timed(fn)
+            if i >= 5:
+                times[v].append(t)
+    return times
 
 
 def run(world: int, iters: int) -> dict[str, list[float]]:
@@ -108,6 +146,15 @@ def main() -> None:
         med = {v: statistics.median(times[v]) for v in VARIANTS}
         paired = statistics.median(r / l for r, l in zip(times["reduced"], times["local"]))
         cells = " ".join(f"{med[v] * 1e6:9.0f} ({med[v] / base:4.2f}x)" for v in VARIANTS)
+        print(f"{w:>5} {cells} {paired:13.3f}x")
+    fsdp = ("fsdp2 inner", "fsdp2 torch clip", "fsdp2 wrapper")
+    base = statistics.median(results[args.worlds[0]]["fsdp2 wrapper"])
+    print(f"\nFSDP2, 48 DTensor gradients: medians in microseconds (rank 0); x = ratio to world {args.worlds[0]} wrapper")
+    print(f"{'world':>5} " + " ".join(f"{v:>18}" for v in fsdp) + f" {'wrapper/torch':>14}")
+    for w, times in results.items():
+        med = {v: statistics.median(times[v]) for v in fsdp}
+        paired = statistics.median(a / b for a, b in zip(times["fsdp2 wrapper"], times["fsdp2 torch clip"]))
+        cells = " ".join(f"{med[v] * 1e6:10.0f} ({med[v] / base:4.2f}x)" for v in fsdp)
         print(f"{w:>5} {cells} {paired:13.3f}x")
 
 
