@@ -21,6 +21,10 @@ partial norms on its own mesh; torchtitan adds one more all-reduce over the pipe
 Here every piece of every group goes into one scalar, so there is one all-reduce per step
 whatever the number of groups, meshes or stages.
 
+A mode that measures the gradients (the adaptive ones too) gets all of this by reducing
+through ``norms.total_norm(..., batch.sharding)``: ``GradBatch.sharding`` is set by the wrapper
+and is ``None`` when nothing is sharded.
+
 A NaN/Inf on one rank reaches every rank through the reduced norm (a sum with a NaN is NaN;
 for ``MAX`` NaN is turned into +inf first, because ``max`` may drop a NaN), so every rank
 takes the same skip decision.
