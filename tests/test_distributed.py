@@ -339,6 +339,19 @@ def _mesh_worker(rank: int, world: int) -> None:
             torch.testing.assert_close(p.full_tensor(), -g * coef, **TOL)
         torch.testing.assert_close(plain, -torch.arange(5.0) * coef, **TOL)
 
+    # Parameters on one 1-D sub-mesh (each tp pair its own model): reduced over that mesh only.
+    p = distribute_tensor(torch.zeros(4, 6), mesh["tp"], [Shard(0)])
+    full = full_grads[0] * (1 + mesh.get_coordinate()[0])  # the two tp pairs differ
+    p.grad = distribute_tensor(full.clone(), mesh["tp"], [Shard(0)])
+    opt = ClippedOptimizer(torch.optim.SGD([p], lr=1.0), max_norm=1.0)
+    opt.step()
+    torch.testing.assert_close(opt.state["clip"]["grad_norm"], full.norm(), **TOL)
+
+    # Meshes that together miss a rank: refused at construction, asking for process_group.
+    q = distribute_tensor(torch.zeros(4, 6), mesh["dp"], [Shard(0)])
+    with pytest.raises(ValueError, match="process_group"):
+        ClippedOptimizer(torch.optim.SGD([p, q], lr=1.0))
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
