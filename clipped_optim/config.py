@@ -8,6 +8,8 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .distributed import check_process_group
+
 __all__ = ["ClipConfig", "MODES", "NONFINITE_POLICIES"]
 
 MODES = ("norm", "value", "per_param")
@@ -52,6 +54,9 @@ class ClipConfig:
     clip_value: float | None = None
     nonfinite: str = "skip"
     foreach: bool | None = None
+    #: Distributed: the group over which each rank's gradients are slices of the whole
+    #: (see clipped_optim.distributed); None for DDP, FSDP2 and single-process training.
+    process_group: Any = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through the back door, once
@@ -67,6 +72,7 @@ class ClipConfig:
             raise _fail("clip_value", self.clip_value, f"clip_value is only used with mode='value', not mode={self.mode!r}")
         if self.foreach is not None and not isinstance(self.foreach, bool):
             raise _fail("foreach", self.foreach, "expected True, False or None (pick per device)")
+        check_process_group(self.process_group)
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> ClipConfig:

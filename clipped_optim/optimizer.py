@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import amp, modes, stats
+from . import amp, distributed, modes, stats
 from .dispatch import SCALAR_MODES, run_mode
 from .config import ClipConfig
-from .norms import GradBatch, scale_, tensor_norms
+from .norms import GradBatch, scale_, tensor_norms, total_norm
 
 __all__ = ["ClippedOptimizer"]
 
@@ -53,6 +53,10 @@ class ClippedOptimizer(Optimizer):
             raises ``FloatingPointError`` before anything is updated; ``"propagate"`` steps
             anyway, as plain torch does, with no host sync at all.
         foreach: use the ``torch._foreach_*`` kernels (``None``: wherever the device has them).
+        process_group: for manual sharding only (ZeRO-style optimizers, FSDP1, pipeline
+            stages): the group over which each rank's gradients are slices of the whole; the
+            norm is then reduced over it. DDP and FSDP2/DTensor need nothing; see
+            :mod:`clipped_optim.distributed`.
 
     ``"skip"`` and ``"raise"`` need to know on the host whether the norm is finite before the
     inner step: that is the one device-to-host sync of a step. A fused inner optimizer
@@ -82,6 +86,7 @@ class ClippedOptimizer(Optimizer):
         clip_value: float | None = None,
         nonfinite: str = "skip",
         foreach: bool | None = None,
+        process_group: Any = None,
         **unexpected: Any,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -98,10 +103,12 @@ class ClippedOptimizer(Optimizer):
                 clip_value=clip_value,
                 nonfinite=nonfinite,
                 foreach=foreach,
+                process_group=process_group,
                 **unexpected,
             )
         )
         self.optimizer = optimizer
+        self._reduction = distributed.plan_reduction(self.config, self.param_groups)
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
             # Optimizers that skip Optimizer.__init__ (torch_optimizer's Lookahead) lack these,
@@ -171,7 +178,10 @@ class ClippedOptimizer(Optimizer):
         return loss if closure is not None else out
 
     def _can_fold(self) -> bool:
-        return self.config.mode in SCALAR_MODES and all(g.get("clip", True) for g in self.param_groups)
+        return self.config.mode in SCALAR_MODES and self._all_groups_clipped()
+
+    def _all_groups_clipped(self) -> bool:
+        return all(g.get("clip", True) for g in self.param_groups)
 
     def _skip_flag(self, result: modes.ClipResult, finite: Tensor, found_inf: Tensor | None) -> Tensor:
         """1.0 if the update must be skipped (float32: the fused kernels' ``found_inf``)."""
@@ -226,13 +236,17 @@ class ClippedOptimizer(Optimizer):
         Returns the result and whether it was folded."""
         clipped, unclipped, positions, n_params = self._gather_grads()
         clip_state = self._clip_state()
-        batch = GradBatch(clipped, self.config.foreach)
+        local, sharding = distributed.local_grads(clipped, self._reduction)
+        batch = GradBatch(local, self.config.foreach, sharding)
         # A fused kernel takes grad_scale in float32 only: folding 1/coef would round a
         # float64 gradient's clip to float32 precision, so float64 gradients are scaled here.
         fold = fold and all(dtype != torch.float64 for _, dtype in batch.groups)
         result = run_mode(self.config, batch, grad_scale, not fold, clip_state["steps"].device, clip_state)
-        if unclipped:
-            result = self._check_unclipped(result, GradBatch(unclipped, self.config.foreach), grad_scale)
+        # Sharded: every rank must join the opt-outs' all-reduce, so decide by the groups, not
+        # by which gradients this rank happens to have.
+        if unclipped or (self._reduction is not None and not self._all_groups_clipped()):
+            local, sharding = distributed.local_grads(unclipped, self._reduction)
+            result = self._check_unclipped(result, GradBatch(local, self.config.foreach, sharding), grad_scale)
         if len(positions) != n_params:
             full = result.param_norms.new_zeros(n_params)
             index = torch.tensor(positions, dtype=torch.long).to(full.device, non_blocking=True)
@@ -245,7 +259,8 @@ class ClippedOptimizer(Optimizer):
         if grad_scale is not None:
             scale_(batch, grad_scale.reciprocal())
         norms = tensor_norms(batch, self.config.norm_type)
-        poison = sum(n.to(result.total_norm.device) for n in norms) * 0
+        # total_norm reduces over the ranks when sharded: a NaN on one rank poisons all of them.
+        poison = total_norm(norms, self.config.norm_type, result.total_norm.device, batch.sharding)[0] * 0
         return result._replace(total_norm=result.total_norm + poison)
 
     def _gather_grads(self) -> tuple[list[Tensor], list[Tensor], list[int], int]:
@@ -329,6 +344,7 @@ class ClippedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.optimizer = state["optimizer"]
         self.config = state["config"]
+        self._reduction = distributed.plan_reduction(self.config, self.param_groups)
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
