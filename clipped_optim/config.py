@@ -8,6 +8,8 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .distributed import check_process_group
+
 __all__ = ["ClipConfig", "MODES", "NONFINITE_POLICIES"]
 
 MODES = ("norm", "value", "per_param")
@@ -53,6 +55,9 @@ class ClipConfig:
     nonfinite: str = "skip"
     foreach: bool | None = None
     history_size: int = 1000  # ring buffer of per-step norms for clipped_optim.diagnostics; 0: none
+    #: Distributed: the group over which each rank's gradients are slices of the whole
+    #: (see clipped_optim.distributed); None for DDP, FSDP2 and single-process training.
+    process_group: Any = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through the back door, once
@@ -71,6 +76,7 @@ class ClipConfig:
         if not isinstance(self.history_size, numbers.Integral) or isinstance(self.history_size, bool) or self.history_size < 0:
             raise _fail("history_size", self.history_size, "expected an integer >= 0 (0 keeps no history)")
         set_(self, "history_size", int(self.history_size))
+        check_process_group(self.process_group)
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> ClipConfig:

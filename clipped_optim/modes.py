@@ -52,7 +52,7 @@ class ClipResult(NamedTuple):
 
 
 def _measure(batch: GradBatch, norm_type: float, grad_scale: Tensor | None, device: torch.device):
-    total, stacked = total_norm(tensor_norms(batch, norm_type), norm_type, device)
+    total, stacked = total_norm(tensor_norms(batch, norm_type), norm_type, device, batch.sharding)
     if grad_scale is not None:
         # GradScaler's scale is a power of two, so dividing the norms by it is exact.
         scale = grad_scale.to(device)
@@ -143,6 +143,6 @@ def clip_grad_value(
     if grad_scale is not None:
         scale_(batch, grad_scale.to(dev).reciprocal())
     clamp_(batch, clip_value)
-    after, _ = total_norm(tensor_norms(batch, norm_type), norm_type, dev)
+    after, _ = total_norm(tensor_norms(batch, norm_type), norm_type, dev, batch.sharding)
     coef = torch.where(total > 0, after / total.clamp(min=torch.finfo(total.dtype).tiny), 1.0)
     return ClipResult(total, coef, stacked, torch.as_tensor(clip_value, dtype=total.dtype, device=dev))

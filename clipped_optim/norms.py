@@ -20,6 +20,8 @@ from torch.utils._foreach_utils import (
     _group_tensors_by_device_and_dtype,
 )
 
+from .distributed import Sharding, reduce_total_norm
+
 __all__ = ["GradBatch", "tensor_norms", "total_norm", "scale_", "scale_each_", "clamp_"]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -32,11 +34,14 @@ class GradBatch:
     pays for it once (``clip_grad_norm_`` groups twice).
     """
 
-    __slots__ = ("tensors", "groups", "foreach")
+    __slots__ = ("tensors", "groups", "foreach", "sharding")
 
-    def __init__(self, tensors: Sequence[Tensor], foreach: bool | None = None) -> None:
+    def __init__(self, tensors: Sequence[Tensor], foreach: bool | None = None, sharding: Sharding | None = None) -> None:
         self.tensors = list(tensors)
-        grouped = _group_tensors_by_device_and_dtype([self.tensors], with_indices=True)  # type: ignore[list-item]
+        # Distributed (see clipped_optim.distributed): how the local norms combine into the
+        # global one; None when the tensors are all there is.
+        self.sharding = sharding
+        grouped = _group_tensors_by_device_and_dtype([self.tensors], with_indices=True) if self.tensors else {}  # type: ignore[list-item]
         # {(device, dtype): (tensors, positions in self.tensors)}
         self.groups = {key: (lists[0], idx) for key, (lists, idx) in grouped.items()}
         self.foreach = foreach
@@ -73,15 +78,21 @@ def tensor_norms(batch: GradBatch, norm_type: float) -> list[Tensor]:
     return out
 
 
-def total_norm(norms: Sequence[Tensor], norm_type: float, device: torch.device) -> tuple[Tensor, Tensor]:
+def total_norm(
+    norms: Sequence[Tensor], norm_type: float, device: torch.device, sharding: Sharding | None = None
+) -> tuple[Tensor, Tensor]:
     """Reduce per-tensor norms to the global norm, exactly as ``torch.nn.utils.get_total_norm``.
 
     Returns ``(total, stacked)``: ``stacked`` holds the per-tensor norms as one 1-D tensor
-    (the statistics keep it, so logging per-layer norms costs no extra pass).
+    (the statistics keep it, so logging per-layer norms costs no extra pass). With
+    ``sharding`` the norms are of this rank's pieces and the total is reduced over its
+    process group with one all-reduce (every rank of the group must call this).
     """
+    if sharding is not None:
+        stacked = torch.stack([n.to(device) for n in norms]) if norms else torch.zeros(0, device=device)
+        return reduce_total_norm(stacked, norm_type, sharding), stacked
     if len(norms) == 0:
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        return zero, zero.reshape(0)
+        return torch.zeros((), device=device), torch.zeros(0, device=device)
     stacked = torch.stack([n.to(device) for n in norms])
     return torch.linalg.vector_norm(stacked, norm_type), stacked
 

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import amp, modes, stats
+from . import amp, distributed, modes, stats
 from .dispatch import SCALAR_MODES, run_mode
 from .config import ClipConfig
-from .norms import GradBatch, scale_, tensor_norms
+from .norms import GradBatch, scale_, tensor_norms, total_norm
 
 __all__ = ["ClippedOptimizer"]
 
@@ -55,6 +55,10 @@ class ClippedOptimizer(Optimizer):
         foreach: use the ``torch._foreach_*`` kernels (``None``: wherever the device has them).
         history_size: how many recent steps' norms to keep on the device for
             :meth:`report` (``0``: none; 1000 steps cost 16 kB).
+        process_group: for manual sharding only (ZeRO-style optimizers, FSDP1, pipeline
+            stages): the group over which each rank's gradients are slices of the whole; the
+            norm is then reduced over it. DDP and FSDP2/DTensor need nothing; see
+            :mod:`clipped_optim.distributed`.
 
     ``"skip"`` and ``"raise"`` need to know on the host whether the norm is finite before the
     inner step: that is the one device-to-host sync of a step. A fused inner optimizer
@@ -85,6 +89,7 @@ class ClippedOptimizer(Optimizer):
         nonfinite: str = "skip",
         foreach: bool | None = None,
         history_size: int = 1000,
+        process_group: Any = None,
         **unexpected: Any,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -102,12 +107,18 @@ class ClippedOptimizer(Optimizer):
                 nonfinite=nonfinite,
                 foreach=foreach,
                 history_size=history_size,
+                process_group=process_group,
                 **unexpected,
             )
         )
         self.optimizer = optimizer
+        self._reduction = distributed.plan_reduction(self.config, self.param_groups)
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
+            # Optimizers that skip Optimizer.__init__ (torch_optimizer's Lookahead) lack these,
+            # and torch's state_dict() and hooked step() read them: give them empty ones.
+            if name not in optimizer.__dict__:
+                setattr(optimizer, name, OrderedDict())
         self._patch_step_function()
         self._clip_state()
 
@@ -149,48 +160,56 @@ class ClippedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = amp.scaler_args(self)
-        fold = amp.folds_into_kernel(self.optimizer) and self._can_fold()
+        fused = amp.folds_into_kernel(self.optimizer)
         with torch.no_grad():
-            result = self._clip(grad_scale, apply=not fold)
-        skip = self._decide(result, found_inf)
+            result, folded = self._clip(grad_scale, fold=fused and self._can_fold())
+        finite = torch.isfinite(result.total_norm)
+        skip = self._skip_flag(result, finite, found_inf)
+        stats.record(self._clip_state(), result, finite, skip.bool())
+        must_raise = self.config.nonfinite == "raise" and found_inf is None
         inner_closure = None if closure is None else self._replay(loss, closure)
-        if amp.folds_into_kernel(self.optimizer):
+        if fused:
+            if must_raise:
+                self._sync_decision(skip, finite, result)
             # The kernel unscales, clips and skips by itself: no host sync.
-            divisor = (1.0 if grad_scale is None else grad_scale) / result.clip_coef if fold else None
+            divisor = (1.0 if grad_scale is None else grad_scale) / result.clip_coef if folded else None
             with amp.fused_kernel_args(self.optimizer, divisor, skip):
                 out = self.optimizer.step(inner_closure)
-        elif self._must_sync(found_inf) and bool(skip):  # the one host sync of a step
+        elif self._needs_host_decision(found_inf, result) and self._sync_decision(skip, finite, result):
             return loss
         else:
             out = self.optimizer.step(inner_closure)
         return loss if closure is not None else out
 
     def _can_fold(self) -> bool:
-        return self.config.mode in SCALAR_MODES and all(g.get("clip", True) for g in self.param_groups)
+        return self.config.mode in SCALAR_MODES and self._all_groups_clipped()
 
-    def _must_sync(self, found_inf: Tensor | None) -> bool:
-        return self.config.nonfinite != "propagate" or found_inf is not None
+    def _all_groups_clipped(self) -> bool:
+        return all(g.get("clip", True) for g in self.param_groups)
 
-    def _decide(self, result: modes.ClipResult, found_inf: Tensor | None) -> Tensor:
-        """Record the step and return the skip flag (1.0: skip), raising if asked to."""
-        finite = torch.isfinite(result.total_norm)
-        if self.config.nonfinite == "propagate":
-            skip = amp.skip_flag(found_inf, torch.ones_like(finite))
-        else:
-            skip = amp.skip_flag(found_inf, finite)
+    def _skip_flag(self, result: modes.ClipResult, finite: Tensor, found_inf: Tensor | None) -> Tensor:
+        """1.0 if the update must be skipped (float32: the fused kernels' ``found_inf``)."""
+        propagate = self.config.nonfinite == "propagate"
+        skip = amp.skip_flag(found_inf, torch.ones_like(finite) if propagate else finite)
         if result.skip is not None:  # the mode asks to skip (e.g. a detected spike)
             skip = torch.maximum(skip, result.skip.to(skip.device, skip.dtype))
-        clip_state = self._clip_state()
-        stats.record(clip_state, result, finite, skip.bool())
-        # Under GradScaler (found_inf given) an overflow is routine, the scale is being
-        # calibrated: skipped, never raised.
-        if self.config.nonfinite == "raise" and found_inf is None and not bool(finite):
-            self._raise_nonfinite(result, int(clip_state["steps"]))
         return skip
 
-    def _raise_nonfinite(self, result: modes.ClipResult, step: int) -> None:
+    def _needs_host_decision(self, found_inf: Tensor | None, result: modes.ClipResult) -> bool:
+        return self.config.nonfinite != "propagate" or found_inf is not None or result.skip is not None
+
+    def _sync_decision(self, skip: Tensor, finite: Tensor, result: modes.ClipResult) -> bool:
+        """The one device-to-host sync of a step: whether to skip, raising if the policy says so.
+        Under GradScaler an overflow is routine (the scale is calibrating): skipped, not raised."""
+        skip_now, bad = torch.stack([skip > 0, ~finite]).tolist()
+        if bad and self.config.nonfinite == "raise" and amp.scaler_args(self)[1] is None:
+            self._raise_nonfinite(result)
+        return skip_now
+
+    def _raise_nonfinite(self, result: modes.ClipResult) -> None:
         norms = result.param_norms
         bad = [i for i, ok in enumerate(torch.isfinite(norms).tolist()) if not ok]
+        step = int(self._clip_state()["steps"])
         raise FloatingPointError(
             f"ClippedOptimizer: non-finite gradients at step {step} (global {self.config.norm_type}-norm = "
             f"{float(result.total_norm)}); parameters and optimizer state were not updated. "
@@ -210,24 +229,33 @@ class ClippedOptimizer(Optimizer):
             with torch.enable_grad():
                 again = closure()
             with torch.no_grad():
-                self._clip(None, apply=True)
+                self._clip(None, fold=False)
             return again
 
         return replay
 
     # -- gathering the gradients and calling the mode
-    def _clip(self, grad_scale: Tensor | None, apply: bool) -> modes.ClipResult:
+    def _clip(self, grad_scale: Tensor | None, fold: bool) -> tuple[modes.ClipResult, bool]:
+        """Measure and clip; with ``fold`` the coefficient is left for the fused kernel to apply.
+        Returns the result and whether it was folded."""
         clipped, unclipped, positions, n_params = self._gather_grads()
         clip_state = self._clip_state()
-        batch = GradBatch(clipped, self.config.foreach)
-        result = run_mode(self.config, batch, grad_scale, apply, clip_state["steps"].device, clip_state)
-        if unclipped:
-            result = self._check_unclipped(result, GradBatch(unclipped, self.config.foreach), grad_scale)
+        local, sharding = distributed.local_grads(clipped, self._reduction)
+        batch = GradBatch(local, self.config.foreach, sharding)
+        # A fused kernel takes grad_scale in float32 only: folding 1/coef would round a
+        # float64 gradient's clip to float32 precision, so float64 gradients are scaled here.
+        fold = fold and all(dtype != torch.float64 for _, dtype in batch.groups)
+        result = run_mode(self.config, batch, grad_scale, not fold, clip_state["steps"].device, clip_state)
+        # Sharded: every rank must join the opt-outs' all-reduce, so decide by the groups, not
+        # by which gradients this rank happens to have.
+        if unclipped or (self._reduction is not None and not self._all_groups_clipped()):
+            local, sharding = distributed.local_grads(unclipped, self._reduction)
+            result = self._check_unclipped(result, GradBatch(local, self.config.foreach, sharding), grad_scale)
         if len(positions) != n_params:
             full = result.param_norms.new_zeros(n_params)
             index = torch.tensor(positions, dtype=torch.long).to(full.device, non_blocking=True)
             result = result._replace(param_norms=full.index_copy_(0, index, result.param_norms))
-        return result
+        return result, fold
 
     def _check_unclipped(self, result: modes.ClipResult, batch: GradBatch, grad_scale: Tensor | None):
         """Opted-out groups are not clipped, but they are unscaled, and NaN/Inf in them still
@@ -235,7 +263,8 @@ class ClippedOptimizer(Optimizer):
         if grad_scale is not None:
             scale_(batch, grad_scale.reciprocal())
         norms = tensor_norms(batch, self.config.norm_type)
-        poison = sum(n.to(result.total_norm.device) for n in norms) * 0
+        # total_norm reduces over the ranks when sharded: a NaN on one rank poisons all of them.
+        poison = total_norm(norms, self.config.norm_type, result.total_norm.device, batch.sharding)[0] * 0
         return result._replace(total_norm=result.total_norm + poison)
 
     def _gather_grads(self) -> tuple[list[Tensor], list[Tensor], list[int], int]:
@@ -335,6 +364,7 @@ class ClippedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.optimizer = state["optimizer"]
         self.config = state["config"]
+        self._reduction = distributed.plan_reduction(self.config, self.param_groups)
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()

@@ -1,0 +1,278 @@
+"""Distributed gradients: DTensor shards, process-group reductions, checkpoints.
+
+The global norm of gradients spread over ranks is reduced with **one** collective per step:
+each rank takes the ``p``-norm of the pieces it holds, raises it to the ``p``-th power, and
+the powers are summed over the group (for the inf-norm the maxima are taken, ``MAX``). The
+coefficient that comes out is the same on every rank and multiplies the local shards.
+
+Which pieces count:
+
+* a plain tensor gradient with no ``process_group``: complete and identical on every rank
+  (DDP has averaged it). It is added to the reduced sum locally, with no collective; an
+  optimizer over plain tensors only costs nothing extra.
+* a plain tensor gradient with ``process_group=``: this rank's own slice (a ZeRO-style
+  optimizer, FSDP1 with ``use_orig_params=True``, a pipeline stage); summed over the group.
+* a ``DTensor`` gradient (FSDP2, tensor parallel): its local shard; on a mesh dimension
+  where it is ``Replicate`` only coordinate 0 counts it, so a replica is never counted twice
+  (HSDP, ``[Replicate(), Shard(0)]``). ``Partial`` gradients (not yet reduced) are refused.
+
+``torch.nn.utils.clip_grad_norm_`` on DTensors redistributes each ``(device, dtype)`` group's
+partial norms on its own mesh; torchtitan adds one more all-reduce over the pipeline mesh.
+Here every piece of every group goes into one scalar, so there is one all-reduce per step
+whatever the number of groups, meshes or stages.
+
+A mode that measures the gradients (the adaptive ones too) gets all of this by reducing
+through ``norms.total_norm(..., batch.sharding)``: ``GradBatch.sharding`` is set by the wrapper
+and is ``None`` when nothing is sharded.
+
+A NaN/Inf on one rank reaches every rank through the reduced norm (a sum with a NaN is NaN;
+for ``MAX`` NaN is turned into +inf first, because ``max`` may drop a NaN), so every rank
+takes the same skip decision.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .stats import STATE_KEY as CLIP_KEY
+from .stats import restore_clip_state
+
+__all__ = [
+    "Reduction",
+    "Sharding",
+    "check_process_group",
+    "Reduction",
+    "plan_reduction",
+    "local_grads",
+    "reduce_total_norm",
+    "get_optimizer_state_dict",
+    "set_optimizer_state_dict",
+]
+
+
+
+def _dtensor_type() -> type | None:
+    if not dist.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def check_process_group(value: Any) -> Any:
+    """``process_group`` must be ``None`` or a ``torch.distributed.ProcessGroup``."""
+    if value is None:
+        return None
+    if not dist.is_available() or not isinstance(value, dist.ProcessGroup):
+        raise ValueError(
+            f"ClippedOptimizer: invalid process_group={value!r}; expected None or a "
+            "torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD or dist.new_group(...))"
+        )
+    return value
+
+
+class Reduction:
+    """Where a step's norm is reduced: ``group``, and whether plain (non-DTensor) gradients
+    are slices of it (``plain_shared``: a user's ``process_group``) or complete replicas."""
+
+    __slots__ = ("group", "plain_shared")
+
+    def __init__(self, group: Any, plain_shared: bool) -> None:
+        self.group, self.plain_shared = group, plain_shared
+
+
+def plan_reduction(config: Any, param_groups: Iterable[dict[str, Any]]) -> Reduction | None:
+    """Where a ClippedOptimizer reduces its norm, or ``None`` when no collective is needed.
+
+    Per-parameter clipping needs each parameter's full norm, which the one scalar collective
+    does not give: it is refused with sharded gradients rather than clipping each shard alone.
+    """
+    params = [p for g in param_groups for p in g["params"]]
+    reduction = _reduction(params, config.process_group)
+    if reduction is not None and config.mode == "per_param":
+        raise ValueError(
+            "ClippedOptimizer: mode='per_param' is not supported with sharded gradients (DTensor "
+            "parameters or process_group=): a shard's norm is not its parameter's norm; use mode='norm'"
+        )
+    return reduction
+
+
+def _reduction(params: Iterable[Tensor], process_group: Any) -> Reduction | None:
+    """The group the norm is reduced over, or ``None`` when no collective is needed.
+
+    ``process_group`` wins. Otherwise DTensor parameters decide: their single 1-D mesh's
+    group, or the world when their meshes cover it. Decided once, from the parameters (not
+    the gradients, which may be missing on some rank): every rank must agree on whether to
+    take part in the collective, or the step hangs.
+    """
+    if process_group is not None:
+        return Reduction(process_group, plain_shared=True)
+    dtensor = _dtensor_type()
+    meshes = {id(p.device_mesh): p.device_mesh for p in params if dtensor and isinstance(p, dtensor)}
+    if not meshes:
+        return None
+    if len(meshes) == 1:
+        (mesh,) = meshes.values()
+        if mesh.ndim == 1:
+            return Reduction(mesh.get_group(), plain_shared=False)
+    ranks = {r for m in meshes.values() for r in m.mesh.flatten().tolist()}
+    if ranks == set(range(dist.get_world_size())):
+        return Reduction(dist.group.WORLD, plain_shared=False)
+    raise ValueError(
+        "ClippedOptimizer: the DTensor parameters live on meshes that do not cover the world "
+        f"(ranks {sorted(ranks)}); pass process_group= a group holding every rank whose "
+        "gradients make up the global norm (e.g. all pipeline stages)"
+    )
+
+
+class Sharding:
+    """How the local gradients of one step combine into the global norm.
+
+    Attributes:
+        group: the process group of the all-reduce.
+        shared: positions (in the batch) of pieces summed over the group.
+        local: positions of complete gradients added on this rank only.
+    """
+
+    __slots__ = ("group", "shared", "local")
+
+    def __init__(self, group: Any, shared: list[int], local: list[int]) -> None:
+        self.group, self.shared, self.local = group, shared, local
+
+
+def _counts_here(grad: Tensor) -> bool:
+    """Whether this rank counts its local piece of the DTensor ``grad``: only coordinate 0
+    of every mesh dimension on which ``grad`` is replicated does."""
+    coord = grad.device_mesh.get_coordinate()
+    if coord is None:  # this rank is not on the mesh: it holds nothing
+        return False
+    for dim, placement in enumerate(grad.placements):
+        if placement.is_partial():
+            raise NotImplementedError(
+                "ClippedOptimizer: a gradient has a Partial placement (not yet reduced); its norm "
+                "cannot be taken from the local pieces. Reduce it (redistribute) before step()."
+            )
+        if placement.is_replicate() and coord[dim] != 0:
+            return False
+    return True
+
+
+def local_grads(grads: Sequence[Tensor], reduction: Reduction | None) -> tuple[list[Tensor], Sharding | None]:
+    """The local tensors to measure and scale in place, and how their norms combine.
+
+    DTensor gradients are replaced by their local shard (the same storage, so scaling it
+    scales the DTensor). With ``reduction=None`` the gradients are returned as they are.
+    """
+    if reduction is None:
+        return list(grads), None
+    dtensor = _dtensor_type()
+    tensors: list[Tensor] = []
+    shared: list[int] = []
+    local: list[int] = []
+    for i, g in enumerate(grads):
+        if dtensor is not None and isinstance(g, dtensor):
+            if _counts_here(g):
+                shared.append(i)
+            g = g.to_local()
+            if g.numel() == 0:
+                # Uneven sharding leaves some ranks an empty shard, whose inf-norm torch
+                # refuses (no identity); a scratch zero measures 0 and scaling it is harmless.
+                g = g.new_zeros(1)
+        elif reduction.plain_shared:
+            shared.append(i)
+        else:
+            local.append(i)
+        tensors.append(g)
+    return tensors, Sharding(reduction.group, shared, local)
+
+
+def _pnorm(stacked: Tensor, index: list[int], norm_type: float) -> Tensor:
+    """The ``norm_type``-norm of the entries ``index`` of the 1-D ``stacked``."""
+    if not index:
+        return stacked.new_zeros(())
+    if len(index) < len(stacked):  # a mix; all-shared (FSDP2) and all-local skip the gather
+        stacked = stacked.index_select(0, torch.tensor(index, device=stacked.device))
+    return torch.linalg.vector_norm(stacked, norm_type)
+
+
+def reduce_total_norm(stacked: Tensor, norm_type: float, sharding: Sharding) -> Tensor:
+    """The global ``norm_type``-norm from this rank's per-piece norms ``stacked``: one all-reduce.
+
+    Every rank of ``sharding.group`` must call it, with or without pieces of its own.
+    """
+    shared = _pnorm(stacked, sharding.shared, norm_type)
+    local = _pnorm(stacked, sharding.local, norm_type)
+    if norm_type == float("inf"):
+        # max() may drop a NaN; +inf survives MAX and is non-finite all the same.
+        shared = torch.nan_to_num(shared, nan=float("inf"))
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=sharding.group)
+        return torch.maximum(shared, local)
+    power = shared.pow(norm_type)
+    dist.all_reduce(power, op=dist.ReduceOp.SUM, group=sharding.group)
+    return (power + local.pow(norm_type)).pow(1.0 / norm_type)
+
+
+# -- checkpoints -------------------------------------------------------------------------
+# ``torch.distributed.checkpoint.state_dict`` maps every key of ``optimizer.state`` to a
+# parameter name and fails with ``KeyError: 'clip'`` on the wrapper's statistics; it also
+# skips its state initialisation when ``state`` is non-empty, which the statistics make it.
+# These two helpers hand torch the inner optimizer with the statistics taken out, and carry
+# the statistics under a top-level ``"clip"`` key of the returned dict.
+
+
+def _inner_and_stats(optimizer: Any) -> tuple[torch.optim.Optimizer, Any]:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner, inner.state.pop(CLIP_KEY, None)
+
+
+def get_optimizer_state_dict(model: torch.nn.Module, optimizer: Any, options: Any = None) -> dict[str, Any]:
+    """``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` for a ClippedOptimizer.
+
+    The result is torch's (parameter names as keys, DTensor states) plus ``"clip"``: the
+    statistics, serialised to ``bytes``. Opaque on purpose: ``torch.distributed.checkpoint``
+    must know every tensor's shape before a load, and ``param_norms`` (one per parameter,
+    empty before the first step; local to each rank) has none it could know; as one opaque
+    item the statistics load whatever their shape. The non-tensor items of a checkpoint are
+    written by one rank; every value but ``param_norms`` is the same on all ranks.
+    Save the result with ``torch.distributed.checkpoint.save`` like any state dict.
+    """
+    from torch.distributed.checkpoint import state_dict as sd
+
+    inner, clip = _inner_and_stats(optimizer)
+    try:
+        osd = sd.get_optimizer_state_dict(model, inner, options=options)
+    finally:
+        if clip is not None:
+            inner.state[CLIP_KEY] = clip
+    if clip is not None:
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in clip.items()}, buffer)
+        osd[CLIP_KEY] = buffer.getvalue()
+    return osd
+
+
+def set_optimizer_state_dict(
+    model: torch.nn.Module, optimizer: Any, optim_state_dict: dict[str, Any], options: Any = None
+) -> None:
+    """Load what :func:`get_optimizer_state_dict` returned (statistics included)."""
+    from torch.distributed.checkpoint import state_dict as sd
+
+    osd = dict(optim_state_dict)
+    clip = osd.pop(CLIP_KEY, None)
+    inner, current = _inner_and_stats(optimizer)
+    try:
+        sd.set_optimizer_state_dict(model, inner, osd, options=options)
+    finally:
+        if current is not None:
+            inner.state[CLIP_KEY] = current
+    config = getattr(optimizer, "config", None)
+    if current is not None and config is not None:
+        if isinstance(clip, (bytes, bytearray)):
+            clip = torch.load(io.BytesIO(clip), weights_only=True)
+        inner.state[CLIP_KEY] = restore_clip_state(clip, config.mode, current["steps"].device)
