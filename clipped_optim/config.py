@@ -52,6 +52,7 @@ class ClipConfig:
     clip_value: float | None = None
     nonfinite: str = "skip"
     foreach: bool | None = None
+    flat_grads: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through the back door, once
@@ -67,6 +68,8 @@ class ClipConfig:
             raise _fail("clip_value", self.clip_value, f"clip_value is only used with mode='value', not mode={self.mode!r}")
         if self.foreach is not None and not isinstance(self.foreach, bool):
             raise _fail("foreach", self.foreach, "expected True, False or None (pick per device)")
+        if not isinstance(self.flat_grads, bool):
+            raise _fail("flat_grads", self.flat_grads, "expected True or False")
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> ClipConfig:

@@ -32,7 +32,7 @@ class GradBatch:
     pays for it once (``clip_grad_norm_`` groups twice).
     """
 
-    __slots__ = ("tensors", "groups", "foreach")
+    __slots__ = ("tensors", "groups", "foreach", "flat")
 
     def __init__(self, tensors: Sequence[Tensor], foreach: bool | None = None) -> None:
         self.tensors = list(tensors)
@@ -40,6 +40,9 @@ class GradBatch:
         # {(device, dtype): (tensors, positions in self.tensors)}
         self.groups = {key: (lists[0], idx) for key, (lists, idx) in grouped.items()}
         self.foreach = foreach
+        # flat_grads=True: a clipped_optim.flat.FlatLayout whose buffers the tensors are views
+        # of; the norm, scale and clamp below then act on the buffers (one kernel each).
+        self.flat = None
 
     def use_foreach(self, device: torch.device) -> bool:
         if self.foreach is None:
@@ -59,8 +62,11 @@ def as_batch(grads: Sequence[Tensor] | GradBatch, foreach: bool | None = None) -
 def tensor_norms(batch: GradBatch, norm_type: float) -> list[Tensor]:
     """Per-tensor ``norm_type``-norms, in the order of ``batch.tensors``.
 
-    float32 (or wider) results; half-precision inputs accumulate in float32.
+    float32 (or wider) results; half-precision inputs accumulate in float32. A flat batch
+    returns them as one 1-D tensor (a sequence of 0-dim tensors too).
     """
+    if batch.flat is not None:
+        return batch.flat.tensor_norms(norm_type, batch.foreach)
     out: list[Tensor] = [None] * len(batch)  # type: ignore[list-item]
     for (device, dtype), (group, idx) in batch.groups.items():
         acc = torch.float32 if dtype in _HALF else None
@@ -82,7 +88,10 @@ def total_norm(norms: Sequence[Tensor], norm_type: float, device: torch.device) 
     if len(norms) == 0:
         zero = torch.zeros((), dtype=torch.float32, device=device)
         return zero, zero.reshape(0)
-    stacked = torch.stack([n.to(device) for n in norms])
+    if isinstance(norms, Tensor):  # already stacked (a flat batch)
+        stacked = norms.to(device)
+    else:
+        stacked = torch.stack([n.to(device) for n in norms])
     return torch.linalg.vector_norm(stacked, norm_type), stacked
 
 
@@ -92,6 +101,8 @@ def scale_(batch: GradBatch, coef: Tensor) -> None:
     Always multiply, never ``if coef < 1``: reading ``coef`` on the host would be a
     device-to-host sync, and ``x * 1.0`` is exact, so unclipped gradients stay bit-identical.
     """
+    if batch.flat is not None:
+        return batch.flat.scale_(coef)
     for (device, _), (group, _) in batch.groups.items():
         c = coef.to(device, non_blocking=True)
         if batch.use_foreach(device):
@@ -118,6 +129,8 @@ def clamp_(batch: GradBatch, clip_value: float) -> None:
     Complex tensors are clamped on their real and imaginary parts, which ``torch.clamp``
     cannot do on a complex tensor directly.
     """
+    if batch.flat is not None:
+        return batch.flat.clamp_(clip_value)
     for (device, dtype), (group, _) in batch.groups.items():
         if dtype.is_complex:
             group = [torch.view_as_real(g) for g in group]

@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from . import amp, modes, stats
 from .dispatch import SCALAR_MODES, run_mode
 from .config import ClipConfig
+from .flat import FlatGrads
 from .norms import GradBatch, scale_, tensor_norms
 
 __all__ = ["ClippedOptimizer"]
@@ -53,6 +54,9 @@ class ClippedOptimizer(Optimizer):
             raises ``FloatingPointError`` before anything is updated; ``"propagate"`` steps
             anyway, as plain torch does, with no host sync at all.
         foreach: use the ``torch._foreach_*`` kernels (``None``: wherever the device has them).
+        flat_grads: keep the gradients as views into one contiguous buffer per (device, dtype),
+            so the clip is one kernel whatever the parameter count; ``zero_grad()`` then zeroes
+            the buffer instead of freeing it (see :mod:`clipped_optim.flat`).
 
     ``"skip"`` and ``"raise"`` need to know on the host whether the norm is finite before the
     inner step: that is the one device-to-host sync of a step. A fused inner optimizer
@@ -82,6 +86,7 @@ class ClippedOptimizer(Optimizer):
         clip_value: float | None = None,
         nonfinite: str = "skip",
         foreach: bool | None = None,
+        flat_grads: bool = False,
         **unexpected: Any,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -98,10 +103,12 @@ class ClippedOptimizer(Optimizer):
                 clip_value=clip_value,
                 nonfinite=nonfinite,
                 foreach=foreach,
+                flat_grads=flat_grads,
                 **unexpected,
             )
         )
         self.optimizer = optimizer
+        self._flat = FlatGrads() if self.config.flat_grads else None
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
@@ -215,7 +222,10 @@ class ClippedOptimizer(Optimizer):
     def _clip(self, grad_scale: Tensor | None, apply: bool) -> modes.ClipResult:
         clipped, unclipped, positions, n_params = self._gather_grads()
         clip_state = self._clip_state()
-        batch = GradBatch(clipped, self.config.foreach)
+        if self._flat is None:
+            batch = GradBatch(clipped, self.config.foreach)
+        else:
+            batch = self._flat.batch(clipped, self.param_groups, self.config.foreach)
         result = run_mode(self.config, batch, grad_scale, apply, clip_state["steps"].device, clip_state)
         if unclipped:
             result = self._check_unclipped(result, GradBatch(unclipped, self.config.foreach), grad_scale)
@@ -302,7 +312,11 @@ class ClippedOptimizer(Optimizer):
 
     # -- the rest of the Optimizer API, delegated
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        """As the inner optimizer's; with ``flat_grads=True`` the buffer is zeroed and kept."""
+        if self._flat is None:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+        else:
+            self._flat.zero_grad(self.param_groups, set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
@@ -315,6 +329,7 @@ class ClippedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.optimizer = state["optimizer"]
         self.config = state["config"]
+        self._flat = FlatGrads() if self.config.flat_grads else None
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
