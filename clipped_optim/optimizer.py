@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import amp, modes, stats
+from .amp_scaler import report_found_inf
 from .dispatch import SCALAR_MODES, run_mode
 from .config import ClipConfig
 from .flat import FlatGrads
@@ -75,6 +76,8 @@ class ClippedOptimizer(Optimizer):
     # GradScaler hands this optimizer the scale and the overflow flag instead of unscaling
     # itself, so the unscale merges into the clip multiply (see clipped_optim.amp).
     _step_supports_amp_scaling = True
+    # ClipGradScaler skips its own inf-check pass: the step reports the finiteness of the norm.
+    reports_found_inf = True
 
     def __init__(
         self,
@@ -155,6 +158,7 @@ class ClippedOptimizer(Optimizer):
         fold = amp.folds_into_kernel(self.optimizer) and self._can_fold()
         with torch.no_grad():
             result = self._clip(grad_scale, apply=not fold)
+        found_inf = report_found_inf(self, result.total_norm, found_inf)
         skip = self._decide(result, found_inf)
         inner_closure = None if closure is None else self._replay(loss, closure)
         if amp.folds_into_kernel(self.optimizer):

@@ -181,3 +181,41 @@ def test_pass_counts():
     # flat buffer, foreach SGD (4 distinct sizes: one foreach norm), one multiply over the buffer
     ops = _passes(FOREACH["SGD"], amp=False, flat=True)
     assert ops == Counter({"_foreach_norm": 1, "mul_": 1, "_foreach_add_": 1})
+
+
+@pytest.mark.parametrize("name,inner", [("fused-AdamW", FUSED["AdamW"]), ("foreach-SGD", FOREACH["SGD"])])
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+def test_clip_grad_scaler_matches_gradscaler_without_the_inf_check_pass(name, inner, nonfinite):
+    from clipped_optim import ClipGradScaler
+
+    a, b = make_params(), make_params()
+    opt = ClippedOptimizer(inner(a), max_norm=1.0, nonfinite=nonfinite)
+    ref = inner(b)
+    s_opt = ClipGradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    s_ref = scaler()
+    bad = {1, 3, 4}
+    for step in range(7):
+        opt.zero_grad()
+        ref.zero_grad()
+        s_opt.scale(loss_of(a, step)).backward()
+        s_ref.scale(loss_of(b, step)).backward()
+        poison(a, step, bad)
+        poison(b, step, bad)
+        with _Passes([p.grad for p in a]) as counter:
+            s_opt.step(opt)
+        assert "_amp_foreach_non_finite_check_and_unscale_" not in counter.ops
+        s_opt.update()
+        s_ref.unscale_(ref)
+        torch.nn.utils.clip_grad_norm_(b, 1.0)
+        s_ref.step(ref)
+        s_ref.update()
+        assert s_opt.get_scale() == s_ref.get_scale()  # backed off and grew alike
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert int(opt.state["clip"]["skipped_steps"]) == len(bad)
+    # any other optimizer gets GradScaler's usual inf check
+    plain = torch.optim.SGD(make_params(), lr=0.1)
+    s_opt.scale(loss_of(plain.param_groups[0]["params"], 0)).backward()
+    plain.param_groups[0]["params"][0].grad[0, 0] = math.nan
+    s_opt.step(plain)
+    assert float(sum(s_opt._found_inf_per_device(plain).values())) == 1.0
