@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clipped_optim import ClippedOptimizer  # noqa: E402
+from clipped_optim import ClipGradScaler, ClippedOptimizer  # noqa: E402
 
 MAX_NORM = 1.0
 AMP_SCALE = 1024.0
@@ -156,10 +156,10 @@ def build_variants(params, saved, clip_only: bool) -> list[Variant]:
 
         return build
 
-    def amp_wrapped(inner_fn, **kw):
+    def amp_wrapped(inner_fn, scaler_cls=torch.amp.GradScaler, **kw):
         def build(v):
             opt = ClippedOptimizer(inner_fn(v.params), max_norm=MAX_NORM, **kw)
-            scaler = torch.amp.GradScaler("cpu", init_scale=AMP_SCALE, growth_interval=10**9)
+            scaler = scaler_cls("cpu", init_scale=AMP_SCALE, growth_interval=10**9)
             scaler.scale(torch.zeros(()))  # creates the scale tensor, as scaler.scale(loss) does
             v.opt = opt
 
@@ -182,8 +182,11 @@ def build_variants(params, saved, clip_only: bool) -> list[Variant]:
         ("AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)", amp_plain(sgd), "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)"),
         ("AMP: scaler.step(wrapper(SGD))", amp_wrapped(sgd), "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)"),
         ("AMP: scaler.step(wrapper(SGD, flat_grads))", amp_wrapped(sgd, flat_grads=True), "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)"),
+        ("AMP: ClipGradScaler.step(wrapper(SGD))", amp_wrapped(sgd, ClipGradScaler), "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)"),
+        ("AMP: ClipGradScaler.step(wrapper(SGD, flat_grads))", amp_wrapped(sgd, ClipGradScaler, flat_grads=True), "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)"),
         ("AMP: unscale_ + clip_grad_norm_ + scaler.step(AdamW(fused))", amp_plain(fused_adamw), "AMP: unscale_ + clip_grad_norm_ + scaler.step(AdamW(fused))"),
         ("AMP: scaler.step(wrapper(AdamW(fused)))", amp_wrapped(fused_adamw), "AMP: unscale_ + clip_grad_norm_ + scaler.step(AdamW(fused))"),
+        ("AMP: ClipGradScaler.step(wrapper(AdamW(fused)))", amp_wrapped(fused_adamw, ClipGradScaler), "AMP: unscale_ + clip_grad_norm_ + scaler.step(AdamW(fused))"),
     ]
     if clip_only:
         specs += clip_only_specs()
@@ -309,6 +312,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="rounds per workload (default 200; W2 60; GPT2 12)")
     ap.add_argument("--workloads", default=None, help="comma-separated subset of W1,W2,W3,GPT2")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--append", action="store_true", help="append this run to RESULTS.md instead of replacing it")
     ap.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS.md")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -327,14 +331,13 @@ def main() -> None:
         print(table(wl), flush=True)
         rows += wl
     if not args.no_write:
-        write_results(rows, started, " ".join(sys.argv[1:]))
+        write_results(rows, started, " ".join(sys.argv[1:]), args.append)
 
 
-def write_results(rows: list[dict], started: datetime.datetime, argv: str) -> None:
+def write_results(rows: list[dict], started: datetime.datetime, argv: str, append: bool) -> None:
     path = Path(__file__).with_name("RESULTS.md")
-    text = [
-        "# Benchmark results (`benchmarks/bench_clip.py`)",
-        "",
+    head = ["## Another run", ""] if append and path.exists() else ["# Benchmark results (`benchmarks/bench_clip.py`)", ""]
+    text = head + [
         f"Run `python benchmarks/bench_clip.py {argv}`".rstrip() + f" at {started:%Y-%m-%d %H:%M} UTC.",
         "",
         f"Machine: {machine()}.",
@@ -346,7 +349,8 @@ def write_results(rows: list[dict], started: datetime.datetime, argv: str) -> No
         table(rows),
         "",
     ]
-    path.write_text("\n".join(text))
+    old = path.read_text() + "\n" if append and path.exists() else ""
+    path.write_text(old + "\n".join(text))
     print(f"\nwrote {path}")
 
 

@@ -224,12 +224,13 @@ class ClippedOptimizer(Optimizer):
 
     # -- gathering the gradients and calling the mode
     def _clip(self, grad_scale: Tensor | None, apply: bool) -> modes.ClipResult:
-        clipped, unclipped, positions, n_params = self._gather_grads()
-        clip_state = self._clip_state()
         if self._flat is None:
+            clipped, unclipped, positions, n_params = self._gather_grads()
             batch = GradBatch(clipped, self.config.foreach)
-        else:
-            batch = self._flat.batch(clipped, self.param_groups, self.config.foreach)
+        else:  # the views of the last step, or a (re-)adoption: see clipped_optim.flat
+            gathered, batch = self._flat.gather(self._gather_grads, self.param_groups, self.config.foreach)
+            clipped, unclipped, positions, n_params = gathered
+        clip_state = self._clip_state()
         result = run_mode(self.config, batch, grad_scale, apply, clip_state["steps"].device, clip_state)
         if unclipped:
             result = self._check_unclipped(result, GradBatch(unclipped, self.config.foreach), grad_scale)

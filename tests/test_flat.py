@@ -123,6 +123,12 @@ def test_parameter_without_gradient_is_left_out_of_the_buffer():
         assert_same(flat, ref, a, b)
     assert a[0].grad is None
     assert float(flat.state["clip"]["param_norms"][0]) == 0
+    for opt, params in ((flat, a), (ref, b)):  # it gets one later: seen, re-adopted
+        opt.zero_grad()
+        backward(params, 2)
+        opt.step()
+    assert_same(flat, ref, a, b)
+    assert float(flat.state["clip"]["param_norms"][0]) > 0 and flat._flat.adoptions == 2
 
 
 def test_clip_false_group_and_sparse_gradients():
