@@ -2,7 +2,11 @@
 
     python benchmarks/bench_clip.py            # W1, W2, W3 (a few minutes on 2 cores)
     python benchmarks/bench_clip.py --quick    # fewer repeats, a smoke run
-    python benchmarks/bench_clip.py --full     # also the GPT-2-small parameter list (~124M, ~12 GB RAM)
+    python benchmarks/bench_clip.py --full     # also the GPT-2-small parameter list (124M, ~15 GB RAM)
+    python benchmarks/bench_clip.py --threads 1   # on a shared machine: see below
+
+On a machine shared with other jobs, use ``--threads 1``: with 2 intra-op threads on 2 busy cores
+every parallel kernel waits for a descheduled sibling thread, and single steps took seconds.
 
 Every variant runs once per round, in a shuffled order, on its own gradients (refilled from one
 saved copy before each call, untimed), so that a slow-down of the shared machine hits all
@@ -233,8 +237,8 @@ def clip_only_specs():
     base = "clip only: clip_grad_norm_"
     return [
         (base, torch_clip, base),
-        ("clip only: wrapper flat_grads (norm+mul+stats)", flat_clip, base),
         ("floor: one read + one in-place write of a flat buffer", floor, base),
+        ("clip only: wrapper flat_grads (norm+mul+stats)", flat_clip, "floor: one read + one in-place write of a flat buffer"),
         ("GradScaler inf check alone (inv_scale 1.0)", check_inf, base),
     ]
 
@@ -321,7 +325,8 @@ def main() -> None:
     names = args.workloads.split(",") if args.workloads else ["W1", "W2", "W3"] + (["GPT2"] if args.full else [])
     default_rounds = {"W1": 200, "W2": 60, "W3": 200, "GPT2": 12}
     started = datetime.datetime.now(datetime.timezone.utc)
-    print(machine(), flush=True)
+    where = machine()
+    print(where, flush=True)
     rows = []
     for name in names:
         rounds = args.rounds or (max(5, default_rounds[name] // 10) if args.quick else default_rounds[name])
@@ -331,20 +336,20 @@ def main() -> None:
         print(table(wl), flush=True)
         rows += wl
     if not args.no_write:
-        write_results(rows, started, " ".join(sys.argv[1:]), args.append)
+        write_results(rows, started, " ".join(sys.argv[1:]), args.append, where)
 
 
-def write_results(rows: list[dict], started: datetime.datetime, argv: str, append: bool) -> None:
+def write_results(rows: list[dict], started: datetime.datetime, argv: str, append: bool, where: str) -> None:
     path = Path(__file__).with_name("RESULTS.md")
     head = ["## Another run", ""] if append and path.exists() else ["# Benchmark results (`benchmarks/bench_clip.py`)", ""]
     text = head + [
         f"Run `python benchmarks/bench_clip.py {argv}`".rstrip() + f" at {started:%Y-%m-%d %H:%M} UTC.",
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {where}.",
         "",
-        "No GPU was available for this run: every figure is CPU. The machine is shared and noisy;"
-        " read the paired ratios (each variant divided by its baseline timed in the same round),"
-        " not the absolute times.",
+        ("No GPU was available for this run: every figure is CPU. " if not torch.cuda.is_available() else "")
+        + "On a shared, noisy machine read the paired ratios (each variant divided by its baseline"
+        " timed in the same round), not the absolute times.",
         "",
         table(rows),
         "",
