@@ -184,12 +184,12 @@ def test_pass_counts():
 
 
 @pytest.mark.parametrize("name,inner", [("fused-AdamW", FUSED["AdamW"]), ("foreach-SGD", FOREACH["SGD"])])
-@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
-def test_clip_grad_scaler_matches_gradscaler_without_the_inf_check_pass(name, inner, nonfinite):
+@pytest.mark.parametrize("nonfinite,flat", [("skip", False), ("propagate", False), ("skip", True)])
+def test_clip_grad_scaler_matches_gradscaler_without_the_inf_check_pass(name, inner, nonfinite, flat):
     from clipped_optim import ClipGradScaler
 
     a, b = make_params(), make_params()
-    opt = ClippedOptimizer(inner(a), max_norm=1.0, nonfinite=nonfinite)
+    opt = ClippedOptimizer(inner(a), max_norm=1.0, nonfinite=nonfinite, flat_grads=flat)
     ref = inner(b)
     s_opt = ClipGradScaler("cpu", init_scale=2.0**10, growth_interval=2)
     s_ref = scaler()
