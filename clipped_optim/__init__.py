@@ -5,12 +5,14 @@
 pre-clip norm and clip statistics in ``optimizer.state["clip"]``.
 """
 
+from .amp_scaler import ClipGradScaler
 from .config import MODES, NONFINITE_POLICIES, ClipConfig
 from .modes import ClipResult, clip_grad_norm, clip_grad_norm_per_param, clip_grad_value
 from .optimizer import ClippedOptimizer
 
 __all__ = [
     "ClippedOptimizer",
+    "ClipGradScaler",
     "ClipConfig",
     "ClipResult",
     "MODES",

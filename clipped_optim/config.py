@@ -58,6 +58,7 @@ class ClipConfig:
     #: Distributed: the group over which each rank's gradients are slices of the whole
     #: (see clipped_optim.distributed); None for DDP, FSDP2 and single-process training.
     process_group: Any = None
+    flat_grads: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through the back door, once
@@ -77,6 +78,8 @@ class ClipConfig:
             raise _fail("history_size", self.history_size, "expected an integer >= 0 (0 keeps no history)")
         set_(self, "history_size", int(self.history_size))
         check_process_group(self.process_group)
+        if not isinstance(self.flat_grads, bool):
+            raise _fail("flat_grads", self.flat_grads, "expected True or False")
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> ClipConfig:

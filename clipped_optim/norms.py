@@ -34,7 +34,7 @@ class GradBatch:
     pays for it once (``clip_grad_norm_`` groups twice).
     """
 
-    __slots__ = ("tensors", "groups", "foreach", "sharding")
+    __slots__ = ("tensors", "groups", "foreach", "sharding", "flat")
 
     def __init__(self, tensors: Sequence[Tensor], foreach: bool | None = None, sharding: Sharding | None = None) -> None:
         self.tensors = list(tensors)
@@ -45,6 +45,9 @@ class GradBatch:
         # {(device, dtype): (tensors, positions in self.tensors)}
         self.groups = {key: (lists[0], idx) for key, (lists, idx) in grouped.items()}
         self.foreach = foreach
+        # flat_grads=True: a clipped_optim.flat.FlatLayout whose buffers the tensors are views
+        # of; the norm, scale and clamp below then act on the buffers (one kernel each).
+        self.flat = None
 
     def use_foreach(self, device: torch.device) -> bool:
         if self.foreach is None:
@@ -64,8 +67,11 @@ def as_batch(grads: Sequence[Tensor] | GradBatch, foreach: bool | None = None) -
 def tensor_norms(batch: GradBatch, norm_type: float) -> list[Tensor]:
     """Per-tensor ``norm_type``-norms, in the order of ``batch.tensors``.
 
-    float32 (or wider) results; half-precision inputs accumulate in float32.
+    float32 (or wider) results; half-precision inputs accumulate in float32. A flat batch
+    returns them as one 1-D tensor (a sequence of 0-dim tensors too).
     """
+    if batch.flat is not None:
+        return batch.flat.tensor_norms(norm_type, batch.foreach)
     out: list[Tensor] = [None] * len(batch)  # type: ignore[list-item]
     for (device, dtype), (group, idx) in batch.groups.items():
         acc = torch.float32 if dtype in _HALF else None
@@ -88,13 +94,25 @@ def total_norm(
     ``sharding`` the norms are of this rank's pieces and the total is reduced over its
     process group with one all-reduce (every rank of the group must call this).
     """
-    if sharding is not None:
-        stacked = torch.stack([n.to(device) for n in norms]) if norms else torch.zeros(0, device=device)
-        return reduce_total_norm(stacked, norm_type, sharding), stacked
     if len(norms) == 0:
-        return torch.zeros((), device=device), torch.zeros(0, device=device)
-    stacked = torch.stack([n.to(device) for n in norms])
+        stacked = torch.zeros(0, device=device)
+        total = torch.zeros((), device=device)
+        return (total if sharding is None else reduce_total_norm(stacked, norm_type, sharding)), stacked
+    stacked = _stack_on(norms, device)
+    if sharding is not None:
+        return reduce_total_norm(stacked, norm_type, sharding), stacked
     return torch.linalg.vector_norm(stacked, norm_type), stacked
+
+
+def _stack_on(norms: Sequence[Tensor], device: torch.device) -> Tensor:
+    """``norms`` as one 1-D tensor on ``device``: one stack and one copy, not a ``.to()`` per
+    norm (~0.3 us each in Python: 120 us of a 400-tensor step)."""
+    if isinstance(norms, Tensor):  # already stacked (a flat batch)
+        return norms.to(device)
+    try:
+        return torch.stack(norms).to(device)  # type: ignore[arg-type]
+    except RuntimeError:  # norms on several devices
+        return torch.stack([n.to(device) for n in norms])
 
 
 def scale_(batch: GradBatch, coef: Tensor) -> None:
@@ -103,6 +121,8 @@ def scale_(batch: GradBatch, coef: Tensor) -> None:
     Always multiply, never ``if coef < 1``: reading ``coef`` on the host would be a
     device-to-host sync, and ``x * 1.0`` is exact, so unclipped gradients stay bit-identical.
     """
+    if batch.flat is not None:
+        return batch.flat.scale_(coef)
     for (device, _), (group, _) in batch.groups.items():
         c = coef.to(device, non_blocking=True)
         if batch.use_foreach(device):
@@ -129,6 +149,8 @@ def clamp_(batch: GradBatch, clip_value: float) -> None:
     Complex tensors are clamped on their real and imaginary parts, which ``torch.clamp``
     cannot do on a complex tensor directly.
     """
+    if batch.flat is not None:
+        return batch.flat.clamp_(clip_value)
     for (device, dtype), (group, _) in batch.groups.items():
         if dtype.is_complex:
             group = [torch.view_as_real(g) for g in group]

@@ -16,8 +16,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import amp, distributed, modes, stats
-from .dispatch import SCALAR_MODES, run_mode
+from .amp_scaler import report_found_inf
 from .config import ClipConfig
+from .dispatch import SCALAR_MODES, run_mode
+from .flat import FlatGrads
 from .norms import GradBatch, scale_, tensor_norms, total_norm
 
 __all__ = ["ClippedOptimizer"]
@@ -59,6 +61,9 @@ class ClippedOptimizer(Optimizer):
             stages): the group over which each rank's gradients are slices of the whole; the
             norm is then reduced over it. DDP and FSDP2/DTensor need nothing; see
             :mod:`clipped_optim.distributed`.
+        flat_grads: keep the gradients as views into one contiguous buffer per (device, dtype),
+            so the clip is one kernel whatever the parameter count; ``zero_grad()`` then zeroes
+            the buffer instead of freeing it (see :mod:`clipped_optim.flat`).
 
     ``"skip"`` and ``"raise"`` need to know on the host whether the norm is finite before the
     inner step: that is the one device-to-host sync of a step. A fused inner optimizer
@@ -77,6 +82,8 @@ class ClippedOptimizer(Optimizer):
     # GradScaler hands this optimizer the scale and the overflow flag instead of unscaling
     # itself, so the unscale merges into the clip multiply (see clipped_optim.amp).
     _step_supports_amp_scaling = True
+    # ClipGradScaler skips its own inf-check pass: the step reports the finiteness of the norm.
+    reports_found_inf = True
 
     def __init__(
         self,
@@ -90,6 +97,7 @@ class ClippedOptimizer(Optimizer):
         foreach: bool | None = None,
         history_size: int = 1000,
         process_group: Any = None,
+        flat_grads: bool = False,
         **unexpected: Any,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -108,11 +116,18 @@ class ClippedOptimizer(Optimizer):
                 foreach=foreach,
                 history_size=history_size,
                 process_group=process_group,
+                flat_grads=flat_grads,
                 **unexpected,
             )
         )
         self.optimizer = optimizer
         self._reduction = distributed.plan_reduction(self.config, self.param_groups)
+        self._flat = FlatGrads() if self.config.flat_grads else None
+        if self._flat is not None and self._reduction is not None:
+            raise ValueError(
+                "ClippedOptimizer: flat_grads=True is not supported with sharded gradients "
+                "(DTensor parameters or process_group=); use flat_grads=False"
+            )
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
             # Optimizers that skip Optimizer.__init__ (torch_optimizer's Lookahead) lack these,
@@ -161,11 +176,7 @@ class ClippedOptimizer(Optimizer):
                 loss = closure()
         grad_scale, found_inf = amp.scaler_args(self)
         fused = amp.folds_into_kernel(self.optimizer)
-        with torch.no_grad():
-            result, folded = self._clip(grad_scale, fold=fused and self._can_fold())
-        finite = torch.isfinite(result.total_norm)
-        skip = self._skip_flag(result, finite, found_inf)
-        stats.record(self._clip_state(), result, finite, skip.bool())
+        result, folded, finite, skip, found_inf = self._clip_and_record(grad_scale, found_inf, fused and self._can_fold())
         must_raise = self.config.nonfinite == "raise" and found_inf is None
         inner_closure = None if closure is None else self._replay(loss, closure)
         if fused:
@@ -180,6 +191,20 @@ class ClippedOptimizer(Optimizer):
         else:
             out = self.optimizer.step(inner_closure)
         return loss if closure is not None else out
+
+    def _clip_and_record(self, grad_scale: Tensor | None, found_inf: Tensor | None, fold: bool):
+        """Everything a step does before the inner step, with no host sync (it compiles with
+        ``fullgraph=True``): gather, measure, clip, decide whether to skip, record.
+
+        Returns ``(result, folded, finite, skip, found_inf)``.
+        """
+        with torch.no_grad():
+            result, folded = self._clip(grad_scale, fold)
+        found_inf = report_found_inf(self, result.total_norm, found_inf)  # under ClipGradScaler
+        finite = torch.isfinite(result.total_norm)
+        skip = self._skip_flag(result, finite, found_inf)
+        stats.record(self._clip_state(), result, finite, skip.bool())
+        return result, folded, finite, skip, found_inf
 
     def _can_fold(self) -> bool:
         return self.config.mode in SCALAR_MODES and self._all_groups_clipped()
@@ -238,10 +263,14 @@ class ClippedOptimizer(Optimizer):
     def _clip(self, grad_scale: Tensor | None, fold: bool) -> tuple[modes.ClipResult, bool]:
         """Measure and clip; with ``fold`` the coefficient is left for the fused kernel to apply.
         Returns the result and whether it was folded."""
-        clipped, unclipped, positions, n_params = self._gather_grads()
+        if self._flat is None:
+            clipped, unclipped, positions, n_params = self._gather_grads()
+            local, sharding = distributed.local_grads(clipped, self._reduction)
+            batch = GradBatch(local, self.config.foreach, sharding)
+        else:  # the views of the last step, or a (re-)adoption: see clipped_optim.flat
+            gathered, batch = self._flat.gather(self._gather_grads, self.param_groups, self.config.foreach)
+            clipped, unclipped, positions, n_params = gathered
         clip_state = self._clip_state()
-        local, sharding = distributed.local_grads(clipped, self._reduction)
-        batch = GradBatch(local, self.config.foreach, sharding)
         # A fused kernel takes grad_scale in float32 only: folding 1/coef would round a
         # float64 gradient's clip to float32 precision, so float64 gradients are scaled here.
         fold = fold and all(dtype != torch.float64 for _, dtype in batch.groups)
@@ -351,7 +380,11 @@ class ClippedOptimizer(Optimizer):
 
     # -- the rest of the Optimizer API, delegated
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        """As the inner optimizer's; with ``flat_grads=True`` the buffer is zeroed and kept."""
+        if self._flat is None:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+        else:
+            self._flat.zero_grad(self.param_groups, set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
@@ -365,6 +398,7 @@ class ClippedOptimizer(Optimizer):
         self.optimizer = state["optimizer"]
         self.config = state["config"]
         self._reduction = distributed.plan_reduction(self.config, self.param_groups)
+        self._flat = FlatGrads() if self.config.flat_grads else None
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()

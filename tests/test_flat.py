@@ -1,0 +1,196 @@
+"""flat_grads=True: same results as the per-tensor path, one kernel per buffer, and safe when
+something replaces ``p.grad``."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from clipped_optim import ClippedOptimizer
+
+# Mixed sizes (some repeated: blocks; some once: the foreach remainder) and two dtypes.
+SHAPES = [(3, 4), (12,), (5,), (2, 2, 2), (7,), (4, 3), (5,), (1,)]
+MODES = [
+    dict(mode="norm", max_norm=0.5),
+    dict(mode="per_param", max_norm=0.3),
+    dict(mode="value", clip_value=0.05),
+]
+INNER = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "AdamW-foreach": lambda p: torch.optim.AdamW(p, lr=1e-2, foreach=True),
+    "AdamW-fused": lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True),
+}
+
+
+def make_params(seed: int = 0, dtypes=(torch.float32, torch.float64)) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtypes[i % len(dtypes)])) for i, s in enumerate(SHAPES)
+    ]
+
+
+def backward(params, step: int, scale: float = 1.0) -> None:
+    g = torch.Generator().manual_seed(100 + step)
+    loss = sum((p * torch.randn(p.shape, generator=g, dtype=p.dtype)).sum() * (i + 1) * scale for i, p in enumerate(params))
+    loss.backward()
+
+
+def pair(inner: str, **kw):
+    a_params, b_params = make_params(), make_params()
+    flat = ClippedOptimizer(INNER[inner](a_params), flat_grads=True, **kw)
+    ref = ClippedOptimizer(INNER[inner](b_params), **kw)
+    return (flat, a_params), (ref, b_params)
+
+
+def assert_same(flat, ref, a_params, b_params, rtol=1e-6):
+    for p, q in zip(a_params, b_params):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=1e-7)
+    for key in ("grad_norm", "clip_coef", "param_norms", "steps", "clipped_steps", "skipped_steps"):
+        torch.testing.assert_close(flat.state["clip"][key], ref.state["clip"][key], rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize("inner", sorted(INNER))
+@pytest.mark.parametrize("kw", MODES, ids=lambda kw: kw["mode"])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_flat_matches_per_tensor_path(inner, kw, norm_type):
+    (flat, a), (ref, b) = pair(inner, norm_type=norm_type, **kw)
+    for step in range(4):
+        for opt, params in ((flat, a), (ref, b)):
+            opt.zero_grad()
+            backward(params, step, scale=3.0)
+            opt.step()
+        assert_same(flat, ref, a, b)
+    assert float(ref.state["clip"]["clipped_steps"]) > 0  # the bound was active: a real test
+    assert flat._flat.adoptions == 1  # backward accumulated into the views: adopted once
+
+
+def test_grads_are_views_of_one_buffer_per_dtype_and_zero_grad_keeps_them():
+    params = make_params()
+    opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.1), flat_grads=True)
+    backward(params, 0)
+    opt.step()
+    buffers = opt._flat.batch_.flat.buffers
+    assert sorted(str(k[1]) for k in buffers) == ["torch.float32", "torch.float64"]
+    for p in params:
+        buf = buffers[(p.device, p.dtype)]
+        assert p.grad.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+    views = [p.grad for p in params]
+    opt.zero_grad()  # set_to_none=True by default: the buffer is zeroed and kept
+    assert all(p.grad is v for p, v in zip(params, views))
+    assert all(float(b.abs().sum()) == 0 for b in buffers.values())
+    backward(params, 1)
+    assert all(p.grad is v for p, v in zip(params, views))  # accumulated in place
+
+
+@pytest.mark.filterwarnings("ignore:Using backward() with create_graph=True")
+@pytest.mark.parametrize("how", ["assign", "model_zero_grad", "create_graph", "add_param_group"])
+def test_replaced_grads_are_readopted_never_silently_dropped(how):
+    (flat, a), (ref, b) = pair("AdamW-foreach", max_norm=0.5)
+    extra_a, extra_b = torch.nn.Parameter(torch.ones(6)), torch.nn.Parameter(torch.ones(6))
+    for step in range(4):
+        for opt, params, extra in ((flat, a, extra_a), (ref, b, extra_b)):
+            opt.zero_grad()
+            if step == 2 and how == "model_zero_grad":
+                for p in params:
+                    p.grad = None  # what nn.Module.zero_grad() does by default
+            if step == 2 and how == "add_param_group":
+                opt.add_param_group({"params": [extra]})
+                params.append(extra)
+            backward(params, step, scale=3.0)
+            if step == 2 and how == "assign":
+                params[0].grad = params[0].grad * 2  # a user's hook or rescale
+            if step == 2 and how == "create_graph":
+                loss = sum((p * p).sum() for p in params)
+                loss.backward(create_graph=True)  # autograd replaces p.grad out of place
+                for p in params:
+                    p.grad = p.grad.detach()
+            opt.step()
+        assert_same(flat, ref, a, b)
+    assert flat._flat.adoptions == 2
+
+
+def test_parameter_without_gradient_is_left_out_of_the_buffer():
+    (flat, a), (ref, b) = pair("SGD", max_norm=0.5)
+    for step in range(2):
+        for opt, params in ((flat, a), (ref, b)):
+            opt.zero_grad()
+            backward(params[1:], step)
+            opt.step()
+        assert_same(flat, ref, a, b)
+    assert a[0].grad is None
+    assert float(flat.state["clip"]["param_norms"][0]) == 0
+    for opt, params in ((flat, a), (ref, b)):  # it gets one later: seen, re-adopted
+        opt.zero_grad()
+        backward(params, 2)
+        opt.step()
+    assert_same(flat, ref, a, b)
+    assert float(flat.state["clip"]["param_norms"][0]) > 0 and flat._flat.adoptions == 2
+
+
+def test_clip_false_group_and_sparse_gradients():
+    dense = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))]
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    groups = [{"params": dense}, {"params": [emb.weight], "clip": False}]
+    opt = ClippedOptimizer(torch.optim.SGD(groups, lr=0.1), max_norm=0.1, flat_grads=True)
+    for _ in range(2):
+        opt.zero_grad()
+        ((dense[0] * 5).sum() + (dense[1] * 5).sum() + emb(torch.tensor([1, 2])).sum()).backward()
+        opt.step()
+    assert opt._flat.batch_.flat is not None
+    torch.testing.assert_close(opt.state["clip"]["grad_norm"], torch.tensor(5 * math.sqrt(24)))
+    # a sparse gradient inside a clipped group: not flattened, still clipped
+    opt2 = ClippedOptimizer(torch.optim.SGD([emb.weight] + dense, lr=0.1), max_norm=0.1, flat_grads=True)
+    opt2.zero_grad()
+    ((dense[0] * 5).sum() + emb(torch.tensor([1, 2])).sum()).backward()
+    opt2.step()
+    assert opt2._flat.batch_ is None
+    total = math.sqrt(float(dense[0].grad.square().sum()) + float(emb.weight.grad.coalesce()._values().square().sum()))
+    assert total == pytest.approx(0.1, rel=1e-5)
+
+
+def test_half_gradients_accumulate_the_norm_in_float32():
+    params = [torch.nn.Parameter(torch.full((4096,), 60000.0, dtype=torch.float16)) for _ in range(3)]
+    opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.0), max_norm=1.0, flat_grads=True)
+    for p in params:
+        p.grad = torch.full_like(p, 60000.0)
+    opt.step()
+    expected = 60000.0 * math.sqrt(3 * 4096)
+    assert float(opt.state["clip"]["grad_norm"]) == pytest.approx(expected, rel=1e-3)
+    assert math.isfinite(float(opt.state["clip"]["grad_norm"]))
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("n", [4, 64])
+def test_norm_and_clip_kernels_do_not_grow_with_the_parameter_count(n):
+    params = [torch.nn.Parameter(torch.randn(50)) for _ in range(n)] + [torch.nn.Parameter(torch.randn(3, 7))]
+    opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.1, foreach=True), max_norm=0.1, flat_grads=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # adoption
+    for p in params:
+        p.grad.normal_()
+    with torch.no_grad(), _CountOps() as counter:
+        opt._clip(None, fold=False)
+    ops = counter.ops
+    assert ops["mul_.Tensor"] == 1  # the clip: one multiply over the buffer
+    assert ops["linalg_vector_norm.default"] == 2  # one block of 50-element grads + the global norm
+    assert ops["_foreach_norm.Scalar"] == 1  # the one lone size
+    assert sum(ops.values()) < 20
+
+
+def test_flat_grads_is_validated():
+    with pytest.raises(ValueError, match="flat_grads"):
+        ClippedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), flat_grads="yes")

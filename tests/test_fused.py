@@ -1,0 +1,221 @@
+"""The clip folded into fused optimizers and GradScaler: same parameters as clip_grad_norm_ +
+step, skipping through ``found_inf``, no host sync, and the number of passes over the gradients."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from clipped_optim import ClippedOptimizer
+
+SHAPES = [(6, 5), (5,), (4, 4, 2), (9,)]
+FUSED = {
+    "Adam": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True),
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1, fused=True),
+}
+FOREACH = {
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, foreach=True),
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=True),
+}
+
+
+def make_params() -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+
+
+def loss_of(params, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(50 + step)
+    return sum((p * torch.randn(p.shape, generator=g)).sum() * (3 + i) for i, p in enumerate(params))
+
+
+def poison(params, step: int, bad_steps) -> None:
+    if step in bad_steps:
+        params[1].grad[0] = math.inf
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Fail on every Python-level read of a tensor's value (``.item()``, ``if t``, ``float(t)``...).
+
+    On CPU there is no ``cuda.set_sync_debug_mode``; a device-to-host sync from Python must go
+    through one of these methods, so patching them proves the code path never reads a value.
+    """
+    names = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync: a tensor value was read on the host during the step")
+
+    for n in names:
+        setattr(torch.Tensor, n, refuse)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+@pytest.mark.parametrize("flat", [False, True], ids=["per_tensor", "flat"])
+def test_fused_fold_matches_clip_grad_norm_then_step(name, flat):
+    a, b = make_params(), make_params()
+    opt = ClippedOptimizer(FUSED[name](a), max_norm=1.0, flat_grads=flat)
+    ref = FUSED[name](b)
+    bad = {2}
+    for step in range(5):
+        opt.zero_grad()
+        ref.zero_grad()
+        loss_of(a, step).backward()
+        loss_of(b, step).backward()
+        poison(a, step, bad)
+        poison(b, step, bad)
+        with no_host_sync():  # nonfinite='skip' skips inside the kernel: found_inf
+            opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(b, 1.0)
+        if math.isfinite(norm):  # the reference skips by hand
+            ref.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        if step not in bad:
+            for p, q in zip(a, b):  # the kernel leaves the clipped gradients in p.grad
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    st = opt.state["clip"]
+    assert int(st["skipped_steps"]) == 1 and int(st["nonfinite_steps"]) == 1
+    assert int(st["clipped_steps"]) == 4
+
+
+def scaler() -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+
+
+@pytest.mark.parametrize("name,inner", [(f"fused-{k}", v) for k, v in FUSED.items()] + [(f"foreach-{k}", v) for k, v in FOREACH.items()])
+def test_under_gradscaler_matches_unscale_clip_step(name, inner):
+    a, b = make_params(), make_params()
+    opt = ClippedOptimizer(inner(a), max_norm=1.0)
+    ref = inner(b)
+    s_opt, s_ref = scaler(), scaler()
+    bad = {1, 3}
+    for step in range(6):
+        opt.zero_grad()
+        ref.zero_grad()
+        s_opt.scale(loss_of(a, step)).backward()
+        s_ref.scale(loss_of(b, step)).backward()
+        poison(a, step, bad)
+        poison(b, step, bad)
+        if name.startswith("fused"):
+            with no_host_sync():
+                s_opt.step(opt)
+        else:
+            s_opt.step(opt)
+        s_opt.update()
+        s_ref.unscale_(ref)
+        torch.nn.utils.clip_grad_norm_(b, 1.0)
+        s_ref.step(ref)
+        s_ref.update()
+        assert s_opt.get_scale() == s_ref.get_scale()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert int(opt.state["clip"]["skipped_steps"]) == len(bad)
+
+
+def test_propagate_performs_no_host_sync():
+    params = make_params()
+    opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.1, foreach=True), max_norm=1.0, nonfinite="propagate")
+    loss_of(params, 0).backward()
+    with no_host_sync():
+        opt.step()
+    assert float(opt.state["clip"]["clip_coef"]) < 1
+    # the guard is real: the default policy reads the finiteness flag on the host
+    opt2 = ClippedOptimizer(torch.optim.SGD(params, lr=0.1, foreach=True), max_norm=1.0)
+    with pytest.raises(AssertionError, match="host sync"), no_host_sync():
+        opt2.step()
+
+
+class _Passes(TorchDispatchMode):
+    """Counts the ops that take the gradient tensors as input, by name."""
+
+    def __init__(self, grads) -> None:
+        super().__init__()
+        self.ptrs = {g.untyped_storage().data_ptr() for g in grads}
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = [x for a in args for x in (a if isinstance(a, (list, tuple)) else [a])]
+        if any(isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() in self.ptrs for x in flat):
+            self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _passes(inner, amp: bool, flat: bool = False) -> Counter[str]:
+    params = make_params()
+    opt = ClippedOptimizer(inner(params), max_norm=1.0, flat_grads=flat)
+    s = scaler()
+    if flat:  # adopt the gradients into the buffer first
+        loss_of(params, 0).backward()
+        opt.step()
+    (s.scale(loss_of(params, 1)) if amp else loss_of(params, 1)).backward()
+    with _Passes([p.grad for p in params]) as counter:
+        s.step(opt) if amp else opt.step()
+    return counter.ops
+
+
+def test_pass_counts():
+    # fused fold: the wrapper reads the gradients once (norm); the fused kernel does the rest
+    ops = _passes(FUSED["AdamW"], amp=False)
+    assert ops == Counter({"_foreach_norm": 1, "_fused_adamw_": 1})
+    # non-fused under GradScaler: GradScaler's inf check, the norm, ONE multiply, the step
+    ops = _passes(FOREACH["SGD"], amp=True)
+    assert ops["_amp_foreach_non_finite_check_and_unscale_"] == 1
+    assert ops["_foreach_norm"] == 1 and ops["_foreach_mul_"] == 1
+    # fused under GradScaler: the inf check and the norm only
+    ops = _passes(FUSED["AdamW"], amp=True)
+    assert ops == Counter({"_amp_foreach_non_finite_check_and_unscale_": 1, "_foreach_norm": 1, "_fused_adamw_": 1})
+    # flat buffer, foreach SGD (4 distinct sizes: one foreach norm), one multiply over the buffer
+    ops = _passes(FOREACH["SGD"], amp=False, flat=True)
+    assert ops == Counter({"_foreach_norm": 1, "mul_": 1, "_foreach_add_": 1})
+
+
+@pytest.mark.parametrize("name,inner", [("fused-AdamW", FUSED["AdamW"]), ("foreach-SGD", FOREACH["SGD"])])
+@pytest.mark.parametrize("nonfinite,flat", [("skip", False), ("propagate", False), ("skip", True)])
+def test_clip_grad_scaler_matches_gradscaler_without_the_inf_check_pass(name, inner, nonfinite, flat):
+    from clipped_optim import ClipGradScaler
+
+    a, b = make_params(), make_params()
+    opt = ClippedOptimizer(inner(a), max_norm=1.0, nonfinite=nonfinite, flat_grads=flat)
+    ref = inner(b)
+    s_opt = ClipGradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    s_ref = scaler()
+    bad = {1, 3, 4}
+    for step in range(7):
+        opt.zero_grad()
+        ref.zero_grad()
+        s_opt.scale(loss_of(a, step)).backward()
+        s_ref.scale(loss_of(b, step)).backward()
+        poison(a, step, bad)
+        poison(b, step, bad)
+        with _Passes([p.grad for p in a]) as counter:
+            s_opt.step(opt)
+        assert "_amp_foreach_non_finite_check_and_unscale_" not in counter.ops
+        s_opt.update()
+        s_ref.unscale_(ref)
+        torch.nn.utils.clip_grad_norm_(b, 1.0)
+        s_ref.step(ref)
+        s_ref.update()
+        assert s_opt.get_scale() == s_ref.get_scale()  # backed off and grew alike
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert int(opt.state["clip"]["skipped_steps"]) == len(bad)
+    # any other optimizer gets GradScaler's usual inf check
+    plain = torch.optim.SGD(make_params(), lr=0.1)
+    s_opt.scale(loss_of(plain.param_groups[0]["params"], 0)).backward()
+    plain.param_groups[0]["params"][0].grad[0, 0] = math.nan
+    s_opt.step(plain)
+    assert float(sum(s_opt._found_inf_per_device(plain).values())) == 1.0
