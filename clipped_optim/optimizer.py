@@ -226,8 +226,10 @@ class ClippedOptimizer(Optimizer):
     def _sync_decision(self, skip: Tensor, finite: Tensor, result: modes.ClipResult) -> bool:
         """The one device-to-host sync of a step: whether to skip, raising if the policy says so.
         Under GradScaler an overflow is routine (the scale is calibrating): skipped, not raised."""
+        if self.config.nonfinite != "raise":
+            return bool(skip)
         skip_now, bad = torch.stack([skip > 0, ~finite]).tolist()
-        if bad and self.config.nonfinite == "raise" and amp.scaler_args(self)[1] is None:
+        if bad and amp.scaler_args(self)[1] is None:
             self._raise_nonfinite(result)
         return skip_now
 
