@@ -10,9 +10,9 @@ from typing import Any
 
 from .distributed import check_process_group
 
-__all__ = ["ClipConfig", "MODES", "NONFINITE_POLICIES"]
+__all__ = ["ClipConfig", "MODES", "NONFINITE_POLICIES", "ADAPTIVE_DEFAULTS"]
 
-MODES = ("norm", "value", "per_param")
+MODES = ("norm", "value", "per_param", "agc", "autoclip", "zclip")
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
 
 
@@ -49,7 +49,7 @@ class ClipConfig:
     """The validated clipping options of one :class:`ClippedOptimizer`."""
 
     mode: str = "norm"
-    max_norm: float = 1.0
+    max_norm: float | None = 1.0
     norm_type: float = 2.0
     clip_value: float | None = None
     nonfinite: str = "skip"
@@ -59,12 +59,29 @@ class ClipConfig:
     #: (see clipped_optim.distributed); None for DDP, FSDP2 and single-process training.
     process_group: Any = None
     flat_grads: bool = False
+    # -- adaptive modes (clipped_optim.adaptive): None = the mode's default, see ADAPTIVE_DEFAULTS
+    clip_factor: float | None = None
+    eps: float | None = None
+    quantile: float | None = None
+    history_length: int | None = None
+    per_param: bool | None = None
+    alpha: float | None = None
+    z_thresh: float | None = None
+    warmup_steps: int | None = None
+    clip_option: str | None = None
+    skip_update_on_spike: bool | None = None
+    skip_spikes: bool = False
+    spike_sigma: float | None = None
+    spike_window: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through the back door, once
         _choice("mode", self.mode, MODES)
         _choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
-        set_(self, "max_norm", _positive_finite("max_norm", self.max_norm))
+        if self.max_norm is None and self.mode != "zclip":
+            raise _fail("max_norm", None, "expected a positive finite number (None, no cap, only with mode='zclip')")
+        if self.max_norm is not None:
+            set_(self, "max_norm", _positive_finite("max_norm", self.max_norm))
         set_(self, "norm_type", _norm_type(self.norm_type))
         if self.mode == "value":
             if self.clip_value is None:
@@ -80,6 +97,7 @@ class ClipConfig:
         check_process_group(self.process_group)
         if not isinstance(self.flat_grads, bool):
             raise _fail("flat_grads", self.flat_grads, "expected True or False")
+        _adaptive_options(self)
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> ClipConfig:
@@ -93,3 +111,82 @@ class ClipConfig:
                     f"allowed: {', '.join(sorted(known))}"
                 )
         return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options of the adaptive modes and of spike skipping (clipped_optim.adaptive)
+# ---------------------------------------------------------------------------------------------
+#: Each adaptive option, the modes that read it and its default there (the reference
+#: packages' defaults: timm's AGC, autoclip's QuantileClip, zclip's ZClip; OLMo-core's
+#: SkipStepOptimizer for the spike window).
+ADAPTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "clip_factor": {"agc": 0.01, "zclip": 1.0},
+    "eps": {"agc": 1e-3},
+    "quantile": {"autoclip": 0.9},
+    "history_length": {"autoclip": 1000},
+    "per_param": {"autoclip": False},
+    "alpha": {"zclip": 0.97},
+    "z_thresh": {"zclip": 2.5},
+    "warmup_steps": {"zclip": 25},
+    "clip_option": {"zclip": "adaptive_scaling"},
+    "skip_update_on_spike": {"zclip": False},
+}
+ZCLIP_OPTIONS = ("adaptive_scaling", "mean", "percentile")
+
+
+def _positive_int(arg: str, value: Any) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise _fail(arg, value, "expected an integer >= 1")
+    return int(value)
+
+
+def _flag(arg: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(arg, value, "expected True or False")
+    return value
+
+
+def _open_unit(arg: str, value: Any, lo_closed: bool, hi_closed: bool) -> float:
+    ok = _is_real(value) and (0 <= value if lo_closed else 0 < value) and (value <= 1 if hi_closed else value < 1)
+    if not ok:
+        lo, hi = "[" if lo_closed else "(", "]" if hi_closed else ")"
+        raise _fail(arg, value, f"expected a number in {lo}0, 1{hi}")
+    return float(value)
+
+
+_CHECKS = {
+    "clip_factor": lambda v: _positive_finite("clip_factor", v),
+    "eps": lambda v: _positive_finite("eps", v),
+    "quantile": lambda v: _open_unit("quantile", v, True, True),
+    "history_length": lambda v: _positive_int("history_length", v),
+    "per_param": lambda v: _flag("per_param", v),
+    "alpha": lambda v: _open_unit("alpha", v, False, False),
+    "z_thresh": lambda v: _positive_finite("z_thresh", v),
+    "warmup_steps": lambda v: _positive_int("warmup_steps", v),
+    "clip_option": lambda v: _choice("clip_option", v, ZCLIP_OPTIONS),
+    "skip_update_on_spike": lambda v: _flag("skip_update_on_spike", v),
+}
+
+
+def _adaptive_options(cfg: ClipConfig) -> None:
+    """Fill each adaptive option with its mode's default; reject one the mode does not read."""
+    set_ = object.__setattr__
+    for name, per_mode in ADAPTIVE_DEFAULTS.items():
+        value = getattr(cfg, name)
+        if cfg.mode not in per_mode:
+            if value is not None:
+                users = " or ".join(f"mode={m!r}" for m in per_mode)
+                raise _fail(name, value, f"{name} is only used with {users}, not mode={cfg.mode!r}")
+            continue
+        set_(cfg, name, _CHECKS[name](per_mode[cfg.mode] if value is None else value))
+    _flag("skip_spikes", cfg.skip_spikes)
+    if cfg.skip_spikes:
+        set_(cfg, "spike_sigma", _positive_finite("spike_sigma", 6.0 if cfg.spike_sigma is None else cfg.spike_sigma))
+        window = 128 if cfg.spike_window is None else cfg.spike_window
+        if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 3:
+            raise _fail("spike_window", window, "expected an integer >= 3 (norms in the rolling window)")
+        set_(cfg, "spike_window", int(window))
+    else:
+        for name in ("spike_sigma", "spike_window"):
+            if getattr(cfg, name) is not None:
+                raise _fail(name, getattr(cfg, name), f"{name} is only used with skip_spikes=True")

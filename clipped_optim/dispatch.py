@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import modes
+from . import adaptive, modes
 from .config import ClipConfig
 from .modes import ClipResult
 from .norms import GradBatch
 
-__all__ = ["run_mode", "SCALAR_MODES"]
+__all__ = ["run_mode", "SCALAR_MODES", "is_scalar"]
 
 Runner = Callable[[ClipConfig, GradBatch, "Tensor | None", bool, torch.device, dict], ClipResult]
 
@@ -35,11 +35,26 @@ def _value(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, c
     return modes.clip_grad_value(batch, cfg.clip_value, cfg.norm_type, grad_scale=grad_scale, device=device)
 
 
-_RUNNERS: dict[str, Runner] = {"norm": _norm, "per_param": _per_param, "value": _value}
+_RUNNERS: dict[str, Runner] = {
+    "norm": _norm,
+    "per_param": _per_param,
+    "value": _value,
+    "agc": adaptive.run_agc,
+    "autoclip": adaptive.run_autoclip,
+    "zclip": adaptive.run_zclip,
+}
 
 #: Modes whose decision is one scalar coefficient: only those can honour ``apply=False``
-#: and be folded into a fused kernel's ``grad_scale``.
-SCALAR_MODES = frozenset({"norm"})
+#: and be folded into a fused kernel's ``grad_scale`` (AutoClip only with one global history).
+SCALAR_MODES = frozenset({"norm", "autoclip", "zclip"})
+
+#: The adaptive modes run the spike detector themselves, before they update their history.
+_SPIKE_AWARE = frozenset({"agc", "autoclip", "zclip"})
+
+
+def is_scalar(cfg: ClipConfig) -> bool:
+    """Whether ``cfg``'s mode clips with one scalar coefficient (see SCALAR_MODES)."""
+    return cfg.mode in SCALAR_MODES and not (cfg.mode == "autoclip" and cfg.per_param)
 
 
 def run_mode(
@@ -50,4 +65,7 @@ def run_mode(
     device: torch.device,
     clip_state: dict[str, Any],
 ) -> ClipResult:
-    return _RUNNERS[cfg.mode](cfg, batch, grad_scale, apply, device, clip_state)
+    result = _RUNNERS[cfg.mode](cfg, batch, grad_scale, apply, device, clip_state)
+    if cfg.skip_spikes and cfg.mode not in _SPIKE_AWARE:
+        result = adaptive.add_spike_skip(cfg, clip_state, result)
+    return result

@@ -34,13 +34,28 @@ class GradBatch:
     pays for it once (``clip_grad_norm_`` groups twice).
     """
 
-    __slots__ = ("tensors", "groups", "foreach", "sharding", "flat")
+    __slots__ = ("tensors", "groups", "foreach", "sharding", "flat", "params", "positions", "n_total")
 
-    def __init__(self, tensors: Sequence[Tensor], foreach: bool | None = None, sharding: Sharding | None = None) -> None:
+    def __init__(
+        self,
+        tensors: Sequence[Tensor],
+        foreach: bool | None = None,
+        sharding: Sharding | None = None,
+        *,
+        params: Sequence[Tensor] | None = None,
+        positions: Sequence[int] | None = None,
+        n_total: int | None = None,
+    ) -> None:
         self.tensors = list(tensors)
         # Distributed (see clipped_optim.distributed): how the local norms combine into the
         # global one; None when the tensors are all there is.
         self.sharding = sharding
+        # For the modes that need more than the gradients (clipped_optim.adaptive): the
+        # parameters they belong to (AGC), their indices in optimizer order and the number of
+        # parameters there (per-parameter histories). None when the caller did not give them.
+        self.params = None if params is None else list(params)
+        self.positions = positions
+        self.n_total = n_total
         grouped = _group_tensors_by_device_and_dtype([self.tensors], with_indices=True) if self.tensors else {}  # type: ignore[list-item]
         # {(device, dtype): (tensors, positions in self.tensors)}
         self.groups = {key: (lists[0], idx) for key, (lists, idx) in grouped.items()}
@@ -48,6 +63,11 @@ class GradBatch:
         # flat_grads=True: a clipped_optim.flat.FlatLayout whose buffers the tensors are views
         # of; the norm, scale and clamp below then act on the buffers (one kernel each).
         self.flat = None
+
+    def set_owners(self, params: Sequence[Tensor], positions: Sequence[int], n_total: int) -> None:
+        """Record the parameters of the tensors, their positions in optimizer order and the
+        number of parameters there (the adaptive modes read them; see ``__init__``)."""
+        self.params, self.positions, self.n_total = list(params), positions, n_total
 
     def use_foreach(self, device: torch.device) -> bool:
         if self.foreach is None:

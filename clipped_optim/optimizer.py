@@ -17,8 +17,8 @@ from torch.optim import Optimizer
 
 from . import amp, distributed, modes, stats
 from .amp_scaler import report_found_inf
+from .dispatch import is_scalar, run_mode
 from .config import ClipConfig
-from .dispatch import SCALAR_MODES, run_mode
 from .flat import FlatGrads
 from .norms import GradBatch, scale_, tensor_norms, total_norm
 
@@ -64,6 +64,14 @@ class ClippedOptimizer(Optimizer):
         flat_grads: keep the gradients as views into one contiguous buffer per (device, dtype),
             so the clip is one kernel whatever the parameter count; ``zero_grad()`` then zeroes
             the buffer instead of freeing it (see :mod:`clipped_optim.flat`).
+        clip_factor, eps, quantile, history_length, per_param, alpha, z_thresh, warmup_steps,
+            clip_option, skip_update_on_spike: options of the adaptive modes ``"agc"``,
+            ``"autoclip"`` and ``"zclip"`` (``None``: the mode's default; an option another
+            mode reads is rejected). ``max_norm`` is ZClip's cap (``None``: no cap).
+            See :mod:`clipped_optim.adaptive` and docs/adaptive.md.
+        skip_spikes: skip the whole update when the pre-clip norm exceeds the mean of its
+            rolling window of ``spike_window`` (128) norms by ``spike_sigma`` (6) standard
+            deviations; any mode. Counted in ``skipped_steps``.
 
     ``"skip"`` and ``"raise"`` need to know on the host whether the norm is finite before the
     inner step: that is the one device-to-host sync of a step. A fused inner optimizer
@@ -98,6 +106,19 @@ class ClippedOptimizer(Optimizer):
         history_size: int = 1000,
         process_group: Any = None,
         flat_grads: bool = False,
+        clip_factor: float | None = None,
+        eps: float | None = None,
+        quantile: float | None = None,
+        history_length: int | None = None,
+        per_param: bool | None = None,
+        alpha: float | None = None,
+        z_thresh: float | None = None,
+        warmup_steps: int | None = None,
+        clip_option: str | None = None,
+        skip_update_on_spike: bool | None = None,
+        skip_spikes: bool = False,
+        spike_sigma: float | None = None,
+        spike_window: int | None = None,
         **unexpected: Any,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -117,6 +138,19 @@ class ClippedOptimizer(Optimizer):
                 history_size=history_size,
                 process_group=process_group,
                 flat_grads=flat_grads,
+                clip_factor=clip_factor,
+                eps=eps,
+                quantile=quantile,
+                history_length=history_length,
+                per_param=per_param,
+                alpha=alpha,
+                z_thresh=z_thresh,
+                warmup_steps=warmup_steps,
+                clip_option=clip_option,
+                skip_update_on_spike=skip_update_on_spike,
+                skip_spikes=skip_spikes,
+                spike_sigma=spike_sigma,
+                spike_window=spike_window,
                 **unexpected,
             )
         )
@@ -207,7 +241,7 @@ class ClippedOptimizer(Optimizer):
         return result, folded, finite, skip, found_inf
 
     def _can_fold(self) -> bool:
-        return self.config.mode in SCALAR_MODES and self._all_groups_clipped()
+        return is_scalar(self.config) and self._all_groups_clipped()
 
     def _all_groups_clipped(self) -> bool:
         return all(g.get("clip", True) for g in self.param_groups)
@@ -266,12 +300,13 @@ class ClippedOptimizer(Optimizer):
         """Measure and clip; with ``fold`` the coefficient is left for the fused kernel to apply.
         Returns the result and whether it was folded."""
         if self._flat is None:
-            clipped, unclipped, positions, n_params = self._gather_grads()
+            clipped, unclipped, positions, n_params, params = self._gather_grads()
             local, sharding = distributed.local_grads(clipped, self._reduction)
             batch = GradBatch(local, self.config.foreach, sharding)
         else:  # the views of the last step, or a (re-)adoption: see clipped_optim.flat
             gathered, batch = self._flat.gather(self._gather_grads, self.param_groups, self.config.foreach)
-            clipped, unclipped, positions, n_params = gathered
+            clipped, unclipped, positions, n_params, params = gathered
+        batch.set_owners(params, positions, n_params)  # for AGC and per-parameter AutoClip
         clip_state = self._clip_state()
         # A fused kernel takes grad_scale in float32 only: folding 1/coef would round a
         # float64 gradient's clip to float32 precision, so float64 gradients are scaled here.
@@ -298,11 +333,13 @@ class ClippedOptimizer(Optimizer):
         poison = total_norm(norms, self.config.norm_type, result.total_norm.device, batch.sharding)[0] * 0
         return result._replace(total_norm=result.total_norm + poison)
 
-    def _gather_grads(self) -> tuple[list[Tensor], list[Tensor], list[int], int]:
-        """The gradients to clip and their positions in optimizer order, and the others."""
+    def _gather_grads(self) -> tuple[list[Tensor], list[Tensor], list[int], int, list[Tensor]]:
+        """The gradients to clip, their positions in optimizer order, the others, the number
+        of parameters, and the parameters of the gradients to clip."""
         clipped: list[Tensor] = []
         unclipped: list[Tensor] = []
         positions: list[int] = []
+        params: list[Tensor] = []
         n = 0
         for group in self.param_groups:
             target = clipped if group.get("clip", True) else unclipped
@@ -315,8 +352,9 @@ class ClippedOptimizer(Optimizer):
                     target.append(g)
                     if target is clipped:
                         positions.append(n)
+                        params.append(p)
                 n += 1
-        return clipped, unclipped, positions, n
+        return clipped, unclipped, positions, n, params
 
     # -- statistics and checkpoints
     def _clip_state(self) -> dict[str, Any]:

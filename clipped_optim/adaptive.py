@@ -1,0 +1,423 @@
+"""The adaptive clip modes (AGC, AutoClip, ZClip) and spike skipping, as pure state updates.
+
+Each mode is a function of the gradients and of its state tensors that returns a new state;
+the runners at the bottom read that state from, and write it back to, the ``clip_state``
+dict (``optimizer.state["clip"]``), so a checkpoint carries it and a resumed run continues
+bit-identically. No function reads a tensor value on the host: every decision is a
+``torch.where``/``clamp`` on the device, so a step costs no device-to-host sync.
+
+A step whose norm is NaN/Inf, or that the spike detector skips, never enters a history or
+an EMA (``accept`` below): one bad batch cannot poison the threshold of every later step,
+as it does in the reference packages.
+
+State keys (tensors on the gradients' device, in ``optimizer.state["clip"]``):
+    autoclip_ring, autoclip_sorted, autoclip_count: the norm history of AutoClip, as a
+        ring buffer in arrival order and the same values kept sorted (``+inf`` = empty
+        slot), with the number of norms accepted so far; one row per parameter when
+        ``per_param=True``.
+    zclip_warmup, zclip_seen, zclip_mean, zclip_var: ZClip's warm-up norms (float64), the
+        number of norms accepted, and the EMA of the mean and variance (float64).
+    spike_ring, spike_count: the rolling window of the spike detector.
+
+References:
+    Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image Recognition Without
+    Normalization", ICML 2021 (AGC).
+    Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive Gradient Clipping for
+    Source Separation Networks", MLSP 2020.
+    Kumar, Owen, Ashkboos and Alistarh, "ZClip: Adaptive Spike Mitigation for LLM
+    Pre-Training", 2025.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .config import ClipConfig
+from .modes import EPS, ClipResult, _device, _measure, global_norm_coef
+from .norms import GradBatch, scale_, scale_each_, tensor_norms
+
+__all__ = [
+    "agc_coefs",
+    "quantile_sorted",
+    "sorted_ring_push",
+    "ZClipState",
+    "zclip_update",
+    "spike_test",
+    "run_agc",
+    "run_autoclip",
+    "run_zclip",
+    "add_spike_skip",
+]
+
+#: ZClip's ``eps`` (added to the standard deviation of the z-score), as the package's default.
+ZCLIP_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# AGC
+# ---------------------------------------------------------------------------------------
+def _unit_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
+    """Norm of each unit: rows (output units) of >= 2-D tensors, the whole of <= 1-D ones.
+
+    1-D (or 0-dim) tensors share one foreach launch; >= 2-D ones need a reduction over all
+    but the first dimension, which foreach kernels cannot do.
+    """
+    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    small = [i for i, t in enumerate(tensors) if t.ndim <= 1]
+    if small:
+        batch = GradBatch([tensors[i].reshape(-1) for i in small])
+        for i, n in zip(small, tensor_norms(batch, norm_type)):
+            out[i] = n.reshape(1)
+    for i, t in enumerate(tensors):
+        if t.ndim > 1:
+            acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+            out[i] = torch.linalg.vector_norm(t, norm_type, dim=tuple(range(1, t.ndim)), dtype=acc)
+    return out
+
+
+def agc_coefs(param_units: Tensor, grad_units: Tensor, clip_factor: float, eps: float) -> Tensor:
+    """Per-unit AGC coefficients: ``1`` where ``|g| < clip_factor * max(|w|, eps)``, else the
+    ratio that brings ``|g|`` to that bound (as ``timm.utils.agc.adaptive_clip_grad``)."""
+    max_norm = param_units.clamp(min=eps).mul_(clip_factor)
+    ratio = max_norm / grad_units.clamp(min=1e-6)
+    return torch.where(grad_units < max_norm, torch.ones_like(ratio), ratio)
+
+
+def run_agc(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state) -> ClipResult:
+    """Adaptive gradient clipping (unit-wise ratio of gradient norm to weight norm).
+
+    ``grad * min(1, clip_factor * max(|w|, eps) / |grad|)`` per output unit. Equal to
+    ``timm.utils.agc.adaptive_clip_grad(params, clip_factor, eps, norm_type)``.
+    """
+    dev = _device(batch, device)
+    grads, params = batch.tensors, _agc_params(batch)
+    p_units = torch.cat([u.to(dev, torch.float32) for u in _unit_norms([p.detach() for p in params], cfg.norm_type)]) if grads else torch.zeros(0, device=dev)
+    g_units = torch.cat([u.to(dev, torch.float32) for u in _unit_norms(grads, cfg.norm_type)]) if grads else torch.zeros(0, device=dev)
+    if grad_scale is not None:
+        g_units = g_units / grad_scale.to(dev)
+    coefs = agc_coefs(p_units, g_units, cfg.clip_factor, cfg.eps)
+    factors = coefs if grad_scale is None else coefs / grad_scale.to(dev)
+    rows = [g.shape[0] if g.ndim > 1 else 1 for g in grads]
+    views = [c.reshape((-1,) + (1,) * (g.ndim - 1)) if g.ndim > 1 else c.reshape(()) for c, g in zip(factors.split(rows), grads)]
+    scale_each_(batch, views)
+    stacked = _tensor_norms_from_units(g_units, rows, cfg.norm_type, dev)
+    total = torch.linalg.vector_norm(stacked, cfg.norm_type) if grads else torch.zeros((), device=dev)
+    smallest = coefs.min() if coefs.numel() else torch.ones((), device=dev)
+    return _with_spikes(cfg, clip_state, ClipResult(total, smallest, stacked, torch.tensor(cfg.clip_factor, device=dev)))
+
+
+def _agc_params(batch: GradBatch) -> list[Tensor]:
+    if batch.sharding is not None:
+        raise NotImplementedError(
+            "ClippedOptimizer: mode='agc' on sharded gradients (FSDP, DTensor, process_group=) is not "
+            "supported: a unit's weight and gradient norms would need their own reduction. DDP works."
+        )
+    params = batch.params
+    if params is None:
+        raise ValueError("mode='agc' needs the parameters beside the gradients (GradBatch(..., params=...))")
+    for p, g in zip(params, batch.tensors):
+        if p.shape != g.shape:  # a sparse gradient's values: no rows to measure
+            raise ValueError(f"mode='agc' needs dense gradients; got a gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+    return params
+
+
+def _tensor_norms_from_units(units: Tensor, rows: list[int], norm_type: float, device) -> Tensor:
+    """Per-tensor norms from their units' norms: a second full pass over the gradients saved."""
+    if not rows:
+        return units.new_zeros(0)
+    seg = torch.repeat_interleave(torch.arange(len(rows), device=device), torch.tensor(rows, device=device))
+    if math.isinf(norm_type):
+        return units.new_zeros(len(rows)).scatter_reduce_(0, seg, units, "amax", include_self=False)
+    powered = units.new_zeros(len(rows)).index_add_(0, seg, units.pow(norm_type))
+    return powered.pow(1.0 / norm_type)
+
+
+# ---------------------------------------------------------------------------------------
+# AutoClip: a quantile of the norm history, kept sorted so a step needs no sort
+# ---------------------------------------------------------------------------------------
+def sorted_ring_push(ring: Tensor, sorted_: Tensor, count: Tensor, value: Tensor, accept: Tensor):
+    """Push ``value`` (one per row) into each row's ring buffer, evicting the oldest, and keep
+    ``sorted_`` the same values in ascending order. Rows where ``accept`` is False are left alone.
+
+    A row of ``ring``/``sorted_`` holds ``L`` slots, ``+inf`` where still empty. The insert is
+    index arithmetic over the row (two ``searchsorted`` and one ``gather``): O(L) per row
+    instead of the O(L log L) sort a quantile of the raw history costs every step.
+    Shapes: ``ring``, ``sorted_``: ``(R, L)``; ``count``, ``value``, ``accept``: ``(R,)``.
+    """
+    length = ring.shape[1]
+    pos = (count % length).unsqueeze(1)
+    evicted = ring.gather(1, pos)
+    new = torch.where(accept.unsqueeze(1), value.unsqueeze(1).to(ring.dtype), evicted)
+    # where the evicted value sits, and where the new one goes once it is gone
+    gone_at = torch.searchsorted(sorted_, evicted)
+    insert_at = torch.searchsorted(sorted_, new) - (evicted < new).long()
+    j = torch.arange(length, device=ring.device).unsqueeze(0)
+    before = j + (j >= gone_at).long()  # slot j of the row without the evicted value
+    after = (j - 1) + ((j - 1) >= gone_at).long()
+    source = torch.where(j < insert_at, before, after).clamp_(0, length - 1)
+    new_sorted = torch.where(j == insert_at, new, sorted_.gather(1, source))
+    return ring.scatter(1, pos, new), new_sorted, count + accept.long()
+
+
+def quantile_sorted(sorted_: Tensor, count: Tensor, q: float) -> Tensor:
+    """Per row, ``torch.quantile(history, q)`` (linear interpolation) of the ``min(count, L)``
+    values at the front of each ascending row; ``+inf`` for an empty row (clip nothing).
+
+    The ranks are computed in the history's dtype as ``torch.quantile`` computes them, so the
+    result is bit-identical to it.
+    """
+    length = sorted_.shape[1]
+    n = count.clamp(max=length)
+    ranks = torch.tensor(q, dtype=sorted_.dtype, device=sorted_.device) * (n - 1).clamp(min=0)
+    below = ranks.long()
+    above = ranks.ceil().long()
+    lo = sorted_.gather(1, below.unsqueeze(1)).squeeze(1)
+    hi = sorted_.gather(1, above.unsqueeze(1)).squeeze(1)
+    value = torch.lerp(lo, hi, ranks - below)
+    return torch.where(n > 0, value, torch.full_like(value, math.inf))
+
+
+def _autoclip_state(cfg: ClipConfig, clip_state: dict[str, Any], rows: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    ring = clip_state.get("autoclip_ring")
+    if ring is None:
+        ring = torch.full((0, cfg.history_length), math.inf, device=device)
+        clip_state.update(autoclip_ring=ring, autoclip_sorted=ring.clone(), autoclip_count=torch.zeros(0, dtype=torch.int64, device=device))
+    if ring.shape[1] != cfg.history_length:
+        raise ValueError(
+            f"ClippedOptimizer: the checkpoint's AutoClip history has length {ring.shape[1]}, "
+            f"but this optimizer uses history_length={cfg.history_length}"
+        )
+    grow = rows - ring.shape[0]
+    if grow > 0:  # first step, or a param group was added
+        pad = torch.full((grow, cfg.history_length), math.inf, device=device)
+        clip_state["autoclip_ring"] = torch.cat([ring, pad])
+        clip_state["autoclip_sorted"] = torch.cat([clip_state["autoclip_sorted"], pad])
+        clip_state["autoclip_count"] = torch.cat([clip_state["autoclip_count"], torch.zeros(grow, dtype=torch.int64, device=device)])
+    return clip_state["autoclip_ring"], clip_state["autoclip_sorted"], clip_state["autoclip_count"]
+
+
+def run_autoclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state) -> ClipResult:
+    """AutoClip: clip to the ``quantile`` of the last ``history_length`` pre-clip norms.
+
+    Global (one history of global norms; ``torch.nn.utils.clip_grad_norm_`` to it) or, with
+    ``per_param=True``, one history per parameter and each gradient clipped to its own.
+    Equal to ``autoclip``'s ``QuantileClip.as_optimizer(opt, quantile, history_length,
+    global_threshold=not per_param)``, whose first step clips nothing.
+    """
+    dev = _device(batch, device)
+    total, stacked = _measure(batch, cfg.norm_type, grad_scale, dev)
+    skip, accept = _spike_gate(cfg, clip_state, total)
+    if cfg.per_param:
+        return ClipResult(total, *_autoclip_per_param(cfg, batch, grad_scale, stacked, accept, clip_state, dev), skip)
+    ring, sorted_, count = _autoclip_state(cfg, clip_state, 1, dev)
+    threshold = quantile_sorted(sorted_, count, cfg.quantile)[0]
+    coef = global_norm_coef(total, threshold)
+    if apply:
+        scale_(batch, coef if grad_scale is None else coef / grad_scale.to(dev))
+    ring, sorted_, count = sorted_ring_push(ring, sorted_, count, total.reshape(1), accept.reshape(1))
+    clip_state.update(autoclip_ring=ring, autoclip_sorted=sorted_, autoclip_count=count)
+    return ClipResult(total, coef, stacked, threshold, skip)
+
+
+def _autoclip_per_param(cfg: ClipConfig, batch: GradBatch, grad_scale, stacked: Tensor, accept: Tensor, clip_state, dev):
+    if batch.sharding is not None:
+        raise NotImplementedError(
+            "ClippedOptimizer: mode='autoclip' with per_param=True on sharded gradients (FSDP, DTensor, "
+            "process_group=) is not supported: the per-parameter norms are of local pieces. "
+            "Use per_param=False (its global norm is reduced over the group)."
+        )
+    n_total = batch.n_total if batch.n_total is not None else len(batch)
+    ring, sorted_, count = _autoclip_state(cfg, clip_state, n_total, dev)
+    thresholds = quantile_sorted(sorted_, count, cfg.quantile)  # one call for every parameter
+    row_accept = accept.expand(len(batch)) & torch.isfinite(stacked)
+    if len(batch) == n_total:  # every parameter has a gradient: no row gather
+        coefs = torch.clamp(thresholds / (stacked + EPS), max=1.0)
+        ring, sorted_, count = sorted_ring_push(ring, sorted_, count, stacked, row_accept)
+    else:  # a parameter's history grows only on the steps it has a gradient, as in autoclip
+        positions = range(len(batch)) if batch.positions is None else batch.positions
+        rows = torch.tensor(list(positions), dtype=torch.long).to(dev, non_blocking=True)
+        coefs = torch.clamp(thresholds[rows] / (stacked + EPS), max=1.0)
+        r, s, c = sorted_ring_push(ring[rows], sorted_[rows], count[rows], stacked, row_accept)
+        ring, sorted_, count = ring.index_copy(0, rows, r), sorted_.index_copy(0, rows, s), count.index_copy(0, rows, c)
+    scale_each_(batch, (coefs if grad_scale is None else coefs / grad_scale.to(dev)).unbind())
+    clip_state.update(autoclip_ring=ring, autoclip_sorted=sorted_, autoclip_count=count)
+    smallest = coefs.min() if len(batch) else torch.ones((), device=dev)
+    return smallest, stacked, thresholds
+
+
+# ---------------------------------------------------------------------------------------
+# ZClip: z-score of the norm against an EMA of its mean and variance
+# ---------------------------------------------------------------------------------------
+class ZClipState(NamedTuple):
+    """ZClip's state. ``warmup``: the first ``warmup_steps`` accepted norms (float64, the
+    package keeps Python floats); ``seen``: accepted norms so far; ``mean``/``var``: the EMA."""
+
+    warmup: Tensor
+    seen: Tensor
+    mean: Tensor
+    var: Tensor
+
+
+def _zclip_state(cfg: ClipConfig, clip_state: dict[str, Any], device) -> ZClipState:
+    if "zclip_mean" not in clip_state:
+        dtype = _wide(device)
+        zero = torch.zeros((), dtype=dtype, device=device)
+        clip_state.update(
+            zclip_warmup=torch.zeros(cfg.warmup_steps, dtype=dtype, device=device),
+            zclip_seen=torch.zeros((), dtype=torch.int64, device=device),
+            zclip_mean=zero,
+            zclip_var=zero.clone(),
+        )
+    if clip_state["zclip_warmup"].shape[0] != cfg.warmup_steps:
+        raise ValueError(
+            f"ClippedOptimizer: the checkpoint's ZClip state has warmup_steps={clip_state['zclip_warmup'].shape[0]}, "
+            f"but this optimizer uses warmup_steps={cfg.warmup_steps}"
+        )
+    return ZClipState(clip_state["zclip_warmup"], clip_state["zclip_seen"], clip_state["zclip_mean"], clip_state["zclip_var"])
+
+
+def _wide(device: torch.device) -> torch.dtype:
+    # The package computes in Python floats (float64); MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def zclip_update(cfg: ClipConfig, state: ZClipState, norm: Tensor, accept: Tensor) -> tuple[Tensor, Tensor, ZClipState]:
+    """One ZClip step: ``(bound, spike, new_state)``, as ``zclip.ZClip.step``.
+
+    ``norm`` is the pre-clip global L2 norm. During the warm-up the bound is ``max_norm``
+    (``inf`` without a cap) and the norms are collected; then the mean and variance are
+    initialised from them and updated as an EMA of the *clip value* (the adaptive bound on a
+    spike, else the norm), before the ``max_norm`` cap, as the package does.
+    """
+    g = norm.to(state.mean.dtype)
+    warm = state.seen < cfg.warmup_steps
+    cap = math.inf if cfg.max_norm is None else cfg.max_norm
+    clip_val, spike = _zclip_clip_value(cfg, state, g)
+    bound = torch.where(warm, torch.full_like(g, cap), torch.clamp(torch.where(spike, clip_val, g.new_tensor(math.inf)), max=cap))
+    spike = spike & ~warm
+    # the EMA, fed the clip value; skipped on a spike with skip_update_on_spike
+    alpha, beta = cfg.alpha, 1 - cfg.alpha
+    mean = alpha * state.mean + beta * clip_val
+    var = alpha * state.var + beta * (clip_val - mean) * (clip_val - mean)
+    ema_ok = accept & ~warm & ~(spike & cfg.skip_update_on_spike)
+    # the warm-up: collect, and initialise at the last warm-up norm
+    slot = torch.nn.functional.one_hot(state.seen.clamp(max=cfg.warmup_steps - 1), cfg.warmup_steps).bool()
+    warmup = torch.where(slot & warm & accept, g, state.warmup)
+    seen = state.seen + accept.long()
+    init = warm & (seen >= cfg.warmup_steps)
+    mean0, var0 = _warmup_moments(warmup)
+    new = ZClipState(
+        warmup,
+        seen,
+        torch.where(init, mean0, torch.where(ema_ok, mean, state.mean)),
+        torch.where(init, var0, torch.where(ema_ok, var, state.var)),
+    )
+    return bound, spike, new
+
+
+def _zclip_clip_value(cfg: ClipConfig, state: ZClipState, g: Tensor) -> tuple[Tensor, Tensor]:
+    """The package's ``_compute_clip_val``: the clip value (``g`` itself when no spike), and
+    whether it is a spike. The operations follow the package's order, so the float64
+    arithmetic gives its numbers to the bit."""
+    std = state.var.sqrt()
+    if cfg.clip_option == "percentile":
+        threshold = state.mean + cfg.z_thresh * std
+        spike = g > threshold
+    else:
+        z = (g - state.mean) / (std + ZCLIP_EPS)
+        spike = z > cfg.z_thresh
+        if cfg.clip_option == "adaptive_scaling":
+            eta = z / cfg.z_thresh  # a larger outlier is clipped harder
+            threshold = (state.mean + (cfg.z_thresh * std) / eta) * cfg.clip_factor
+        else:  # "mean"
+            threshold = state.mean
+    return torch.where(spike, threshold, g), spike
+
+
+def _warmup_moments(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and (biased) variance, each summed left to right as Python's ``sum`` (3.11) does:
+    ``cumsum`` accumulates sequentially, a plain ``sum`` would reduce pairwise."""
+    n = values.shape[0]
+    mean = values.cumsum(0)[-1] / n
+    dev = values - mean
+    return mean, (dev * dev).cumsum(0)[-1] / n
+
+
+def run_zclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state) -> ClipResult:
+    """ZClip: clip the global norm to an adaptive bound when its z-score against the EMA of
+    past norms exceeds ``z_thresh``; ``max_norm`` caps the bound (and is the bound of the
+    warm-up). Equal to ``zclip.ZClip(alpha, z_thresh, max_grad_norm=max_norm, warmup_steps,
+    mode, clip_option, clip_factor, skip_update_on_spike).step(model)``.
+    """
+    dev = _device(batch, device)
+    total, stacked = _measure(batch, cfg.norm_type, grad_scale, dev)
+    skip, accept = _spike_gate(cfg, clip_state, total)
+    state = _zclip_state(cfg, clip_state, dev)
+    # the package's own norm: sqrt(sum(norms ** 2)), which can differ from total in the last
+    # bit; sharded, the per-tensor norms are of local pieces and only the total is global
+    exact = cfg.norm_type == 2 and batch.sharding is None
+    znorm = torch.sqrt(torch.sum(torch.pow(stacked, 2))) if exact else total
+    bound, spike, new = zclip_update(cfg, state, znorm, accept)
+    g = znorm.to(bound.dtype)
+    zcoef = torch.where(g > bound, bound / (g + 1e-6), torch.ones_like(g)).to(total.dtype)
+    # the package's warm-up clips with torch.nn.utils.clip_grad_norm_ (its norm, its formula)
+    warm = state.seen < cfg.warmup_steps
+    cap = math.inf if cfg.max_norm is None else cfg.max_norm  # a float, as the package passes it
+    coef = torch.where(warm, global_norm_coef(total, cap), zcoef)
+    if apply:
+        scale_(batch, coef if grad_scale is None else coef / grad_scale.to(dev))
+    clip_state.update(zclip_warmup=new.warmup, zclip_seen=new.seen, zclip_mean=new.mean, zclip_var=new.var)
+    return ClipResult(total, coef, stacked, bound.to(total.dtype), skip)
+
+
+# ---------------------------------------------------------------------------------------
+# Spike skipping: drop the whole update when the norm is an outlier against its window
+# ---------------------------------------------------------------------------------------
+def spike_test(window: Tensor, count: Tensor, norm: Tensor, sigma: float, min_count: int) -> tuple[Tensor, Tensor]:
+    """``(spike, bound)``: whether ``norm > mean + sigma * std`` of the ``min(count, W)``
+    norms in ``window`` (unbiased std), once at least ``min_count`` are in."""
+    length = window.shape[0]
+    n = count.clamp(max=length)
+    valid = torch.arange(length, device=window.device) < n
+    nf = n.to(window.dtype)
+    mean = torch.where(valid, window, 0).sum() / nf.clamp(min=1)
+    dev = torch.where(valid, window - mean, 0)
+    std = ((dev * dev).sum() / (nf - 1).clamp(min=1)).sqrt()
+    bound = mean + sigma * std
+    return (n >= min_count) & (norm.to(window.dtype) > bound), bound
+
+
+def _spike_gate(cfg: ClipConfig, clip_state: dict[str, Any], total: Tensor) -> tuple[Tensor | None, Tensor]:
+    """``(skip, accept)``: the spike flag (``None`` when off) and whether this step's norm may
+    enter the mode's history (finite and not skipped)."""
+    finite = torch.isfinite(total)
+    if not cfg.skip_spikes:
+        return None, finite
+    device = total.device
+    if "spike_ring" not in clip_state:
+        clip_state.update(spike_ring=torch.zeros(cfg.spike_window, dtype=_wide(device), device=device), spike_count=torch.zeros((), dtype=torch.int64, device=device))
+    ring, count = clip_state["spike_ring"], clip_state["spike_count"]
+    min_count = min(cfg.spike_window, max(20, cfg.spike_window // 2))  # as OLMo-core
+    spike, bound = spike_test(ring, count, total, cfg.spike_sigma, min_count)
+    spike = spike & finite
+    # A skipped norm enters the window as the bound it broke (winsorised): one spike cannot
+    # inflate the window, and a lasting rise of the norm level is still learned, instead of
+    # every later step being skipped.
+    value = torch.where(spike, bound, total.to(ring.dtype))
+    slot = torch.nn.functional.one_hot(count % cfg.spike_window, cfg.spike_window).bool() & finite
+    clip_state.update(spike_ring=torch.where(slot, value, ring), spike_count=count + finite.long())
+    return spike, finite & ~spike
+
+
+def _with_spikes(cfg: ClipConfig, clip_state: dict[str, Any], result: ClipResult) -> ClipResult:
+    skip, _ = _spike_gate(cfg, clip_state, result.total_norm)
+    return result if skip is None else result._replace(skip=skip)
+
+
+def add_spike_skip(cfg: ClipConfig, clip_state: dict[str, Any], result: ClipResult) -> ClipResult:
+    """Spike skipping for a stateless mode: the norm is known only after it ran."""
+    return _with_spikes(cfg, clip_state, result)
