@@ -200,6 +200,13 @@ def _autoclip_state(cfg: ClipConfig, clip_state: dict[str, Any], rows: int, devi
     return clip_state["autoclip_ring"], clip_state["autoclip_sorted"], clip_state["autoclip_count"]
 
 
+def _coef(norm: Tensor, threshold: Tensor) -> Tensor:
+    """``min(1, threshold / (norm + EPS))`` computed as ``clip_grad_norm_`` computes it for
+    the package: it converts the threshold to a float, and ``float / tensor`` is
+    ``tensor.reciprocal() * float`` in torch, which can differ from a division in the last bit."""
+    return torch.clamp((norm + EPS).reciprocal() * threshold, max=1.0)
+
+
 def run_autoclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state) -> ClipResult:
     """AutoClip: clip to the ``quantile`` of the last ``history_length`` pre-clip norms.
 
@@ -215,7 +222,7 @@ def run_autoclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, dev
         return ClipResult(total, *_autoclip_per_param(cfg, batch, grad_scale, stacked, accept, clip_state, dev), skip)
     ring, sorted_, count = _autoclip_state(cfg, clip_state, 1, dev)
     threshold = quantile_sorted(sorted_, count, cfg.quantile)[0]
-    coef = global_norm_coef(total, threshold)
+    coef = _coef(total, threshold)
     if apply:
         scale_(batch, coef if grad_scale is None else coef / grad_scale.to(dev))
     ring, sorted_, count = sorted_ring_push(ring, sorted_, count, total.reshape(1), accept.reshape(1))
@@ -235,12 +242,12 @@ def _autoclip_per_param(cfg: ClipConfig, batch: GradBatch, grad_scale, stacked: 
     thresholds = quantile_sorted(sorted_, count, cfg.quantile)  # one call for every parameter
     row_accept = accept.expand(len(batch)) & torch.isfinite(stacked)
     if len(batch) == n_total:  # every parameter has a gradient: no row gather
-        coefs = torch.clamp(thresholds / (stacked + EPS), max=1.0)
+        coefs = _coef(stacked, thresholds)
         ring, sorted_, count = sorted_ring_push(ring, sorted_, count, stacked, row_accept)
     else:  # a parameter's history grows only on the steps it has a gradient, as in autoclip
         positions = range(len(batch)) if batch.positions is None else batch.positions
         rows = torch.tensor(list(positions), dtype=torch.long).to(dev, non_blocking=True)
-        coefs = torch.clamp(thresholds[rows] / (stacked + EPS), max=1.0)
+        coefs = _coef(stacked, thresholds[rows])
         r, s, c = sorted_ring_push(ring[rows], sorted_[rows], count[rows], stacked, row_accept)
         ring, sorted_, count = ring.index_copy(0, rows, r), sorted_.index_copy(0, rows, s), count.index_copy(0, rows, c)
     scale_each_(batch, (coefs if grad_scale is None else coefs / grad_scale.to(dev)).unbind())

@@ -1,0 +1,523 @@
+"""The adaptive modes (AGC, AutoClip, ZClip) and spike skipping.
+
+Parity: each mode is run beside its reference implementation (timm's ``adaptive_clip_grad``,
+``autoclip``'s ``QuantileClip``, ``zclip``'s ``ZClip``) on the same gradient sequence, with
+spikes injected after the warm-up, and the parameters, norms and thresholds are compared
+after every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from clipped_optim import ClippedOptimizer
+from clipped_optim.adaptive import quantile_sorted, sorted_ring_push
+
+autoclip_torch = pytest.importorskip("autoclip.torch")
+zclip = pytest.importorskip("zclip")
+
+
+def _load_timm_agc():
+    """``timm/utils/agc.py`` by file path: ``import timm`` needs torchvision."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("timm is not installed")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "agc.py")
+    module_spec = importlib.util.spec_from_file_location("timm_agc", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+timm_agc = _load_timm_agc()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: intra-op threads only contend (a loaded 2-core CI box ran 40x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+STEPS = 60
+#: step -> loss multiplier: gradient spikes after every warm-up used below (ZClip's is 10)
+SPIKES = {14: 40.0, 27: 8.0, 28: 15.0, 41: 100.0, 52: 5.0}
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    # a conv weight (3-D), linear weights, biases and a LayerNorm: every AGC unit shape
+    return nn.Sequential(
+        nn.Conv1d(3, 4, 3), nn.Flatten(), nn.Linear(24, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 2)
+    )
+
+
+def data(steps: int = STEPS, seed: int = 1, spikes=SPIKES, nan_at: int | None = None):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for t in range(steps):
+        x = torch.randn(5, 3, 8, generator=gen)
+        out.append((x, spikes.get(t, 1.0) if nan_at != t else math.nan))
+    return out
+
+
+def backward(model: nn.Module, x: torch.Tensor, factor: float) -> None:
+    model.zero_grad(set_to_none=True)
+    (model(x).pow(2).mean() * factor).backward()
+
+
+def params_equal(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def sgd(model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+# -- AGC --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("clip_factor,eps", [(0.01, 1e-3), (0.1, 1e-2)])
+def test_agc_equals_timm(clip_factor, eps):
+    ref, ours = make_model(), make_model()
+    ref_opt = sgd(ref)
+    opt = ClippedOptimizer(sgd(ours), mode="agc", clip_factor=clip_factor, eps=eps)
+    for x, f in data():
+        backward(ref, x, f)
+        timm_agc.adaptive_clip_grad(ref.parameters(), clip_factor=clip_factor, eps=eps)
+        ref_opt.step()
+        backward(ours, x, f)
+        opt.step()
+        assert params_equal(ref, ours)
+    assert int(opt.state["clip"]["clipped_steps"]) > 0
+
+
+def test_agc_clips_gradients_like_timm_exactly():
+    """The clipped gradients themselves, unit by unit, on many random scales."""
+    model = make_model()
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), mode="agc")
+    for scale in (1e-4, 1e-2, 1.0, 1e2):
+        x, _ = data(1)[0]
+        backward(model, x, scale)
+        expect = copy.deepcopy(model)
+        for p, q in zip(model.parameters(), expect.parameters()):
+            q.grad = p.grad.clone()
+        timm_agc.adaptive_clip_grad(expect.parameters())
+        opt.step()
+        for p, q in zip(model.parameters(), expect.parameters()):
+            assert torch.equal(p.grad, q.grad)
+
+
+def test_agc_param_group_opt_out():
+    """NFNets leave the final classifier unclipped: a group with "clip": False."""
+    ref, ours = make_model(), make_model()
+    body = lambda m: list(m.parameters())[:-2]  # noqa: E731
+    head = lambda m: list(m.parameters())[-2:]  # noqa: E731
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    inner = torch.optim.SGD([{"params": body(ours)}, {"params": head(ours), "clip": False}], lr=0.05)
+    opt = ClippedOptimizer(inner, mode="agc")
+    for x, f in data(20):
+        backward(ref, x, f)
+        timm_agc.adaptive_clip_grad(body(ref))
+        ref_opt.step()
+        backward(ours, x, f)
+        opt.step()
+        assert params_equal(ref, ours)
+
+
+# -- AutoClip ----------------------------------------------------------------------------------
+def _autoclip_threshold(clipper, key) -> torch.Tensor:
+    history = clipper.state[key].get("history") if not isinstance(key, str) else clipper.state[key]
+    if history is None or len(history) == 0:
+        return torch.tensor(math.inf)
+    return torch.quantile(history, clipper.global_quantile or clipper.parameter_groups[0]["quantile"])
+
+
+@pytest.mark.parametrize("quantile,history_length", [(0.9, 1000), (0.5, 7), (0.25, 10), (1.0, 5), (0.0, 4)])
+def test_autoclip_global_equals_package(quantile, history_length):
+    ref, ours = make_model(), make_model()
+    ref_opt = autoclip_torch.QuantileClip.as_optimizer(sgd(ref), quantile, history_length, global_threshold=True)
+    opt = ClippedOptimizer(sgd(ours), mode="autoclip", quantile=quantile, history_length=history_length)
+    for x, f in data():
+        backward(ref, x, f)
+        expect_threshold = _autoclip_threshold(ref_opt.clipper, "global_history")
+        ref_opt.step()
+        backward(ours, x, f)
+        opt.step()
+        st = opt.state["clip"]
+        assert params_equal(ref, ours)
+        assert torch.equal(st["threshold"], expect_threshold)
+        assert torch.equal(st["grad_norm"], ref_opt.clipper.state["global_history"][-1])
+    assert int(opt.state["clip"]["clipped_steps"]) > 0
+
+
+@pytest.mark.parametrize("quantile,history_length", [(0.9, 1000), (0.7, 6)])
+def test_autoclip_per_param_equals_package(quantile, history_length):
+    ref, ours = make_model(), make_model()
+    ref_opt = autoclip_torch.QuantileClip.as_optimizer(sgd(ref), quantile, history_length, global_threshold=False)
+    opt = ClippedOptimizer(sgd(ours), mode="autoclip", quantile=quantile, history_length=history_length, per_param=True)
+    for x, f in data():
+        backward(ref, x, f)
+        expect = torch.stack([_autoclip_threshold(ref_opt.clipper, p) for p in ref.parameters()])
+        ref_opt.step()
+        backward(ours, x, f)
+        opt.step()
+        st = opt.state["clip"]
+        assert params_equal(ref, ours)
+        assert torch.equal(st["threshold"], expect)
+        assert torch.equal(st["param_norms"], torch.stack([ref_opt.clipper.state[p]["history"][-1] for p in ref.parameters()]))
+    assert int(opt.state["clip"]["clipped_steps"]) > 0
+
+
+def test_autoclip_per_param_missing_gradients():
+    """A parameter without a gradient keeps its history, as in autoclip (it skips None grads)."""
+    ref, ours = make_model(), make_model()
+    ref_opt = autoclip_torch.QuantileClip.as_optimizer(sgd(ref), 0.8, 5, global_threshold=False)
+    opt = ClippedOptimizer(sgd(ours), mode="autoclip", quantile=0.8, history_length=5, per_param=True)
+    for t, (x, f) in enumerate(data(30)):
+        for model, step in ((ref, ref_opt.step), (ours, opt.step)):
+            backward(model, x, f)
+            if t % 3 == 0:  # the last layer sits out every third step
+                model[-1].weight.grad = None
+            step()
+        assert params_equal(ref, ours)
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 33])
+def test_sorted_ring_matches_sort_and_quantile(length):
+    gen = torch.Generator().manual_seed(length)
+    rows = 3
+    ring = torch.full((rows, length), math.inf)
+    sorted_, count = ring.clone(), torch.zeros(rows, dtype=torch.long)
+    history: list[list[float]] = [[] for _ in range(rows)]
+    for _ in range(4 * length + 3):
+        value = torch.randint(0, 5, (rows,), generator=gen).float() * torch.rand(rows, generator=gen)  # with ties
+        accept = torch.rand(rows, generator=gen) > 0.2
+        ring, sorted_, count = sorted_ring_push(ring, sorted_, count, value, accept)
+        for r in range(rows):
+            if accept[r]:
+                history[r] = (history[r] + [float(value[r])])[-length:]
+            expect = torch.tensor(history[r])
+            assert torch.equal(sorted_[r, : len(history[r])], expect.sort().values)
+            for q in (0.0, 0.1, 0.5, 0.9, 1.0):
+                got = quantile_sorted(sorted_[r : r + 1], count[r : r + 1], q)[0]
+                want = torch.quantile(expect, q) if len(history[r]) else torch.tensor(math.inf)
+                assert torch.equal(got, want)
+
+
+# -- ZClip -------------------------------------------------------------------------------------
+ZCLIP_CASES = [
+    dict(),
+    dict(clip_option="mean"),
+    dict(clip_option="percentile"),
+    dict(skip_update_on_spike=True),
+    dict(clip_option="mean", skip_update_on_spike=True),
+    dict(clip_option="percentile", skip_update_on_spike=True),
+    dict(max_norm=None),
+    dict(max_norm=0.5, clip_factor=0.7, z_thresh=2.0),
+    dict(max_norm=None, alpha=0.9, warmup_steps=3),
+]
+
+
+def _zclip_reference(kw):
+    option = kw.get("clip_option", "adaptive_scaling")
+    mode, clip_option = ("percentile", "adaptive_scaling") if option == "percentile" else ("zscore", option)
+    return zclip.ZClip(
+        alpha=kw.get("alpha", 0.97),
+        z_thresh=kw.get("z_thresh", 2.5),
+        max_grad_norm=kw.get("max_norm", 1.0),
+        warmup_steps=kw.get("warmup_steps", 25),
+        mode=mode,
+        clip_option=clip_option,
+        clip_factor=kw.get("clip_factor", 1.0),
+        skip_update_on_spike=kw.get("skip_update_on_spike", False),
+    )
+
+
+@pytest.mark.parametrize("kw", ZCLIP_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "defaults")
+def test_zclip_equals_package(kw):
+    ref, ours = make_model(), make_model()
+    ref_opt, zc = sgd(ref), _zclip_reference(kw)
+    effective = []
+    apply = zc._apply_clipping
+    zc._apply_clipping = lambda model, clip_val, norm: effective.append((apply(model, clip_val, norm), clip_val)) or effective[-1][0]
+    opt = ClippedOptimizer(sgd(ours), mode="zclip", **kw)
+    spikes = 0
+    # a spike inside the warm-up too, then spikes once the EMA has settled
+    for x, f in data(90, spikes={2: 3.0, 40: 40.0, 55: 8.0, 56: 15.0, 70: 100.0, 85: 5.0}):
+        backward(ref, x, f)
+        norm = zc.step(ref)
+        ref_opt.step()
+        backward(ours, x, f)
+        opt.step()
+        st = opt.state["clip"]
+        assert params_equal(ref, ours)
+        assert float(st["grad_norm"]) == pytest.approx(norm, rel=1e-6)
+        if zc.initialized:
+            # float64 as the package's Python floats; the variance can differ in the last bit,
+            # where CPython's ``d ** 2`` (libm pow, not correctly rounded) is not ``d * d``
+            assert float(st["zclip_mean"]) == pytest.approx(zc.mean, rel=1e-14, abs=0)
+            assert float(st["zclip_var"]) == pytest.approx(zc.var, rel=1e-14, abs=0)
+        if effective and effective[-1][1] is not None:  # a spike: the bound in effect
+            spikes += 1
+            assert float(st["threshold"]) == pytest.approx(effective.pop()[0], rel=1e-6)
+    assert spikes >= 3 and int(opt.state["clip"]["clipped_steps"]) > 0
+
+
+# -- robustness: one NaN gradient ---------------------------------------------------------------
+def test_nonfinite_step_poisons_peers_but_not_ours():
+    nan_at = 35
+    seq = data(nan_at=nan_at)
+    clean = [d for t, d in enumerate(seq) if t != nan_at]
+    # the peers: one NaN and the threshold is NaN for good
+    model, model2 = make_model(), make_model()
+    zc = zclip.ZClip()
+    auto = autoclip_torch.QuantileClip.as_optimizer(sgd(model2), global_threshold=True)
+    for x, f in seq[: nan_at + 1]:
+        backward(model, x, f)
+        zc.step(model)
+        backward(model2, x, f)
+        auto.step()
+    assert not all(torch.isfinite(p).all() for p in model2.parameters())  # the weights follow
+    assert math.isnan(zc.mean) and math.isnan(zc.var)
+    assert torch.isnan(torch.quantile(auto.clipper.state["global_history"], 0.9))
+    # ours: the NaN step is skipped and leaves no trace in the history or the EMA
+    for kw in (dict(mode="zclip"), dict(mode="autoclip"), dict(mode="autoclip", per_param=True), dict(mode="agc"), dict(mode="norm", skip_spikes=True)):
+        with_nan, without = make_model(), make_model()
+        a = ClippedOptimizer(sgd(with_nan), **kw)
+        b = ClippedOptimizer(sgd(without), **kw)
+        for x, f in seq:
+            backward(with_nan, x, f)
+            a.step()
+        for x, f in clean:
+            backward(without, x, f)
+            b.step()
+        assert params_equal(with_nan, without), kw
+        sa, sb = a.state["clip"], b.state["clip"]
+        assert int(sa["nonfinite_steps"]) == int(sa["skipped_steps"]) == 1
+        for key in sb:
+            if key not in ("steps", "nonfinite_steps", "skipped_steps", "mode"):
+                assert torch.equal(sa[key], sb[key]), (kw, key)
+        assert torch.isfinite(sa["threshold"]).any()
+
+
+# -- spike skipping ----------------------------------------------------------------------------
+def test_skip_spikes_skips_outliers_and_keeps_them_out_of_the_history():
+    spikes = {40: 1e3, 47: 1e3}
+    model, twin = make_model(), make_model()
+    opt = ClippedOptimizer(sgd(model), mode="autoclip", history_length=50, skip_spikes=True, spike_window=32)
+    ref = ClippedOptimizer(sgd(twin), mode="autoclip", history_length=50)
+    for t, (x, f) in enumerate(data(STEPS, spikes=spikes)):
+        before = [p.clone() for p in model.parameters()]
+        backward(model, x, f)
+        opt.step()
+        if t in spikes:
+            assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+        else:
+            backward(twin, x, f)
+            ref.step()
+            assert params_equal(model, twin)  # a skipped spike is as if it never came
+    st = opt.state["clip"]
+    assert int(st["skipped_steps"]) == len(spikes) and int(st["nonfinite_steps"]) == 0
+    assert torch.equal(st["autoclip_sorted"], ref.state["clip"]["autoclip_sorted"])
+
+
+def test_skip_spikes_waits_for_its_window_then_adapts_to_a_lasting_shift():
+    model = make_model()
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), skip_spikes=True, spike_window=10, spike_sigma=3.0)
+    x, _ = data(1)[0]
+    skipped = []
+    for t in range(80):
+        backward(model, x * (1 + 0.01 * (t % 3)), 1.0 if t < 40 else 50.0)  # a lasting 50x shift at 40
+        if t == 5:  # before the window holds 10 norms nothing is skipped
+            backward(model, x, 1e4)
+        opt.step()
+        skipped.append(int(opt.state["clip"]["skipped_steps"]))
+    assert skipped[5] == 0
+    assert skipped[40] == 1  # the jump is a spike...
+    assert skipped[-1] == skipped[-20] < 30  # ...but the new level is learned, not skipped forever
+
+
+def test_skip_spikes_with_fused_adamw_leaves_state_untouched():
+    model = make_model()
+    opt = ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), mode="zclip", warmup_steps=5, skip_spikes=True, spike_window=20)
+    for t, (x, f) in enumerate(data(40, spikes={35: 1e4})):
+        backward(model, x, f)
+        before = copy.deepcopy((list(model.parameters()), opt.optimizer.state_dict()["state"]))
+        opt.step()
+        if t == 35:
+            assert all(torch.equal(p, q) for p, q in zip(before[0], model.parameters()))
+            assert all(torch.equal(s["exp_avg"], before[1][i]["exp_avg"]) for i, s in opt.optimizer.state_dict()["state"].items() if i in before[1])
+    assert int(opt.state["clip"]["skipped_steps"]) == 1
+
+
+# -- checkpoint resume --------------------------------------------------------------------------
+RESUME_CASES = [
+    dict(mode="agc"),
+    dict(mode="autoclip", history_length=8),
+    dict(mode="autoclip", per_param=True, history_length=8),
+    dict(mode="zclip", warmup_steps=5),
+    dict(mode="zclip", warmup_steps=20, clip_option="percentile", max_norm=None),  # resumes inside the warm-up
+    dict(mode="norm", skip_spikes=True, spike_window=8),
+    dict(mode="autoclip", skip_spikes=True, spike_window=8),
+]
+
+
+def _run(model, opt, sched, seq):
+    for x, f in seq:
+        backward(model, x, f)
+        opt.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("kw", RESUME_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_resume_is_bit_identical(kw):
+    seq, k = data(40), 17
+
+    def fresh():
+        model = make_model()
+        opt = ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), **kw)
+        return model, opt, torch.optim.lr_scheduler.StepLR(opt, 5, 0.5)
+
+    straight = fresh()
+    _run(*straight, seq)
+    first = fresh()
+    _run(*first, seq[:k])
+    buffer = io.BytesIO()
+    torch.save({"model": first[0].state_dict(), "opt": first[1].state_dict(), "sched": first[2].state_dict()}, buffer)
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+    resumed = fresh()
+    resumed[0].load_state_dict(ckpt["model"])
+    resumed[1].load_state_dict(ckpt["opt"])
+    resumed[2].load_state_dict(ckpt["sched"])
+    _run(*resumed, seq[k:])
+    assert params_equal(straight[0], resumed[0])
+    a, b = straight[1].state["clip"], resumed[1].state["clip"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]) if isinstance(a[key], str) else torch.equal(a[key], b[key]), key
+
+
+def test_resume_rejects_a_mismatched_history_length():
+    model = make_model()
+    opt = ClippedOptimizer(sgd(model), mode="autoclip", history_length=8)
+    x, f = data(1)[0]
+    backward(model, x, f)
+    opt.step()
+    other = ClippedOptimizer(sgd(model), mode="autoclip", history_length=9)
+    other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="history_length=9"):
+        other.step()
+
+
+# -- GradScaler and fused inner optimizers -------------------------------------------------------
+ADAPTIVE = [
+    dict(mode="agc"),
+    dict(mode="autoclip", history_length=10),
+    dict(mode="autoclip", per_param=True, history_length=10),
+    dict(mode="zclip", warmup_steps=5),
+    dict(mode="zclip", warmup_steps=5, skip_spikes=True, spike_window=10),
+]
+_ids = lambda kw: ",".join(f"{k}={v}" for k, v in kw.items())  # noqa: E731
+
+
+@pytest.mark.parametrize("kw", ADAPTIVE, ids=_ids)
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_equals_unscaled(kw, fused):
+    """Under GradScaler the modes see the unscaled norms: the run equals the unscaled one
+    (the scale is a power of two), and an overflow step is skipped and kept out of the state."""
+    scaled, plain = make_model(), make_model()
+    opt = ClippedOptimizer(torch.optim.AdamW(scaled.parameters(), lr=1e-2, fused=fused), **kw)
+    ref = ClippedOptimizer(torch.optim.AdamW(plain.parameters(), lr=1e-2, fused=fused), **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=4)
+    overflow = 23
+    for t, (x, f) in enumerate(data(40)):
+        scaled.zero_grad(set_to_none=True)
+        loss = scaled(x).pow(2).mean() * (math.inf if t == overflow else f)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if t != overflow:
+            backward(plain, x, f)
+            ref.step()
+        if fused:  # the fused kernel divides by scale/coef, the plain path multiplies: rounding
+            for p, q in zip(scaled.parameters(), plain.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        else:
+            assert params_equal(scaled, plain)
+    st = opt.state["clip"]
+    assert int(st["skipped_steps"]) == 1
+    assert int(st["clipped_steps"]) > 0
+
+
+@pytest.mark.parametrize("kw", [dict(mode="autoclip", history_length=10), dict(mode="zclip", warmup_steps=5)], ids=_ids)
+def test_fused_fold_matches_unfolded(kw):
+    """AutoClip (global) and ZClip clip with one scalar: folded into fused AdamW's grad_scale."""
+    a, b = make_model(), make_model()
+    fused = ClippedOptimizer(torch.optim.AdamW(a.parameters(), lr=1e-2, fused=True), **kw)
+    plain = ClippedOptimizer(torch.optim.AdamW(b.parameters(), lr=1e-2, foreach=False), **kw)
+    assert fused._can_fold()
+    for x, f in data(40):
+        for model, opt in ((a, fused), (b, plain)):
+            backward(model, x, f)
+            opt.step()
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fused.state["clip"]["clipped_steps"], plain.state["clip"]["clipped_steps"])
+
+
+def test_non_scalar_adaptive_modes_do_not_fold():
+    model = make_model()
+    for kw in (dict(mode="agc"), dict(mode="autoclip", per_param=True)):
+        assert not ClippedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), **kw)._can_fold()
+
+
+# -- options -----------------------------------------------------------------------------------
+BAD = [
+    (dict(mode="agc", clip_factor=0.0), "clip_factor"),
+    (dict(mode="agc", eps=-1.0), "eps"),
+    (dict(mode="agc", quantile=0.5), "quantile is only used with mode='autoclip'"),
+    (dict(mode="autoclip", quantile=1.5), r"quantile=1\.5"),
+    (dict(mode="autoclip", history_length=0), "history_length"),
+    (dict(mode="autoclip", history_length=2.5), "history_length"),
+    (dict(mode="autoclip", per_param="yes"), "per_param"),
+    (dict(mode="zclip", alpha=1.0), "alpha"),
+    (dict(mode="zclip", z_thresh=0), "z_thresh"),
+    (dict(mode="zclip", warmup_steps=0), "warmup_steps"),
+    (dict(mode="zclip", clip_option="median"), "clip_option"),
+    (dict(mode="zclip", skip_update_on_spike=1), "skip_update_on_spike"),
+    (dict(mode="zclip", max_norm=-1.0), "max_norm"),
+    (dict(mode="autoclip", max_norm=None), "max_norm=None"),
+    (dict(mode="norm", alpha=0.9), "alpha is only used with mode='zclip'"),
+    (dict(mode="norm", clip_factor=0.1), "clip_factor is only used with mode='agc' or mode='zclip'"),
+    (dict(mode="norm", spike_window=10), "only used with skip_spikes=True"),
+    (dict(skip_spikes=True, spike_window=2), "spike_window"),
+    (dict(skip_spikes=True, spike_sigma=math.nan), "spike_sigma"),
+    (dict(skip_spikes="on"), "skip_spikes"),
+    (dict(mode="zclipp"), "mode"),
+]
+
+
+@pytest.mark.parametrize("kw,match", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_options_fail_at_construction(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ClippedOptimizer(sgd(make_model()), **kw)
+
+
+def test_defaults_filled_per_mode():
+    model = make_model()
+    assert ClippedOptimizer(sgd(model), mode="agc").config.clip_factor == 0.01
+    cfg = ClippedOptimizer(sgd(model), mode="zclip").config
+    assert (cfg.clip_factor, cfg.alpha, cfg.z_thresh, cfg.warmup_steps, cfg.clip_option) == (1.0, 0.97, 2.5, 25, "adaptive_scaling")
+    cfg = ClippedOptimizer(sgd(model), mode="autoclip").config
+    assert (cfg.quantile, cfg.history_length, cfg.per_param) == (0.9, 1000, False)
+    cfg = ClippedOptimizer(sgd(model), skip_spikes=True).config
+    assert (cfg.spike_sigma, cfg.spike_window) == (6.0, 128)
