@@ -60,23 +60,33 @@ ZCLIP_EPS = 1e-6
 # ---------------------------------------------------------------------------------------
 # AGC
 # ---------------------------------------------------------------------------------------
-def _unit_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
-    """Norm of each unit: rows (output units) of >= 2-D tensors, the whole of <= 1-D ones.
+class _Units(NamedTuple):
+    """Where the units of a list of tensors are: the <= 1-D tensors (one unit each) first,
+    then the rows of the >= 2-D ones, in one flat vector of unit norms."""
 
-    1-D (or 0-dim) tensors share one foreach launch; >= 2-D ones need a reduction over all
-    but the first dimension, which foreach kernels cannot do.
-    """
-    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    small: list[int]  # positions of <= 1-D tensors
+    big: list[int]  # positions of >= 2-D tensors
+    rows: list[int]  # rows of each big tensor
+
+
+def _units(tensors: list[Tensor]) -> _Units:
     small = [i for i, t in enumerate(tensors) if t.ndim <= 1]
-    if small:
-        batch = GradBatch([tensors[i].reshape(-1) for i in small])
-        for i, n in zip(small, tensor_norms(batch, norm_type)):
-            out[i] = n.reshape(1)
-    for i, t in enumerate(tensors):
-        if t.ndim > 1:
-            acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
-            out[i] = torch.linalg.vector_norm(t, norm_type, dim=tuple(range(1, t.ndim)), dtype=acc)
-    return out
+    big = [i for i, t in enumerate(tensors) if t.ndim > 1]
+    return _Units(small, big, [tensors[i].shape[0] for i in big])
+
+
+def _unit_norms(tensors: list[Tensor], units: _Units, norm_type: float, device) -> Tensor:
+    """Norm of each unit, flat (float32 or wider): the whole of each <= 1-D tensor (one foreach
+    launch), then the rows (output units) of each >= 2-D one, whose reduction over all but the
+    first dimension foreach kernels cannot do."""
+    parts: list[Tensor] = []
+    if units.small:
+        parts.append(torch.stack([n.to(device) for n in tensor_norms(GradBatch([tensors[i] for i in units.small]), norm_type)]))
+    for i in units.big:
+        t = tensors[i]
+        acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+        parts.append(torch.linalg.vector_norm(t, norm_type, dim=tuple(range(1, t.ndim)), dtype=acc).to(device))
+    return torch.cat(parts) if parts else torch.zeros(0, device=device)
 
 
 def agc_coefs(param_units: Tensor, grad_units: Tensor, clip_factor: float, eps: float) -> Tensor:
@@ -87,27 +97,39 @@ def agc_coefs(param_units: Tensor, grad_units: Tensor, clip_factor: float, eps: 
     return torch.where(grad_units < max_norm, torch.ones_like(ratio), ratio)
 
 
+@torch.no_grad()
 def run_agc(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state) -> ClipResult:
     """Adaptive gradient clipping (unit-wise ratio of gradient norm to weight norm).
 
     ``grad * min(1, clip_factor * max(|w|, eps) / |grad|)`` per output unit. Equal to
-    ``timm.utils.agc.adaptive_clip_grad(params, clip_factor, eps, norm_type)``.
+    ``timm.utils.agc.adaptive_clip_grad(params, clip_factor, eps, norm_type)``. Not a scalar
+    coefficient: always applied here (``apply`` is ignored), never folded.
     """
     dev = _device(batch, device)
     grads, params = batch.tensors, _agc_params(batch)
-    p_units = torch.cat([u.to(dev, torch.float32) for u in _unit_norms([p.detach() for p in params], cfg.norm_type)]) if grads else torch.zeros(0, device=dev)
-    g_units = torch.cat([u.to(dev, torch.float32) for u in _unit_norms(grads, cfg.norm_type)]) if grads else torch.zeros(0, device=dev)
+    units = _units(grads)
+    g_units = _unit_norms(grads, units, cfg.norm_type, dev)
     if grad_scale is not None:
         g_units = g_units / grad_scale.to(dev)
-    coefs = agc_coefs(p_units, g_units, cfg.clip_factor, cfg.eps)
+    coefs = agc_coefs(_unit_norms(params, units, cfg.norm_type, dev), g_units, cfg.clip_factor, cfg.eps)
     factors = coefs if grad_scale is None else coefs / grad_scale.to(dev)
-    rows = [g.shape[0] if g.ndim > 1 else 1 for g in grads]
-    views = [c.reshape((-1,) + (1,) * (g.ndim - 1)) if g.ndim > 1 else c.reshape(()) for c, g in zip(factors.split(rows), grads)]
-    scale_each_(batch, views)
-    stacked = _tensor_norms_from_units(g_units, rows, cfg.norm_type, dev)
+    scale_each_(batch, _unit_factors(factors, grads, units))
+    stacked = _tensor_norms_from_units(g_units, units, len(grads), cfg.norm_type, dev)
     total = torch.linalg.vector_norm(stacked, cfg.norm_type) if grads else torch.zeros((), device=dev)
     smallest = coefs.min() if coefs.numel() else torch.ones((), device=dev)
     return _with_spikes(cfg, clip_state, ClipResult(total, smallest, stacked, torch.tensor(cfg.clip_factor, device=dev)))
+
+
+def _unit_factors(factors: Tensor, grads: list[Tensor], units: _Units) -> list[Tensor]:
+    """Each gradient's multiplier, shaped to broadcast over it: 0-dim, or one per row."""
+    out: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
+    n_small = len(units.small)
+    for i, f in zip(units.small, factors[:n_small].unbind()):
+        out[i] = f
+    for i, f in zip(units.big, factors[n_small:].unsqueeze(1).split(units.rows)):
+        ndim = grads[i].ndim
+        out[i] = f if ndim == 2 else f.reshape((-1,) + (1,) * (ndim - 1))
+    return out
 
 
 def _agc_params(batch: GradBatch) -> list[Tensor]:
@@ -125,15 +147,20 @@ def _agc_params(batch: GradBatch) -> list[Tensor]:
     return params
 
 
-def _tensor_norms_from_units(units: Tensor, rows: list[int], norm_type: float, device) -> Tensor:
-    """Per-tensor norms from their units' norms: a second full pass over the gradients saved."""
-    if not rows:
+def _tensor_norms_from_units(units: Tensor, where: _Units, n: int, norm_type: float, device) -> Tensor:
+    """Per-tensor norms (in batch order) from their units' norms: a second full pass over the
+    gradients saved. A <= 1-D tensor is its own unit; a >= 2-D one reduces its rows' norms."""
+    if n == 0:
         return units.new_zeros(0)
-    seg = torch.repeat_interleave(torch.arange(len(rows), device=device), torch.tensor(rows, device=device))
+    n_small = len(where.small)
+    order = torch.tensor(where.small + where.big, device=device)
+    seg = torch.repeat_interleave(torch.arange(n_small, n, device=device), torch.tensor(where.rows, device=device))
+    seg = torch.cat([torch.arange(n_small, device=device), seg])
     if math.isinf(norm_type):
-        return units.new_zeros(len(rows)).scatter_reduce_(0, seg, units, "amax", include_self=False)
-    powered = units.new_zeros(len(rows)).index_add_(0, seg, units.pow(norm_type))
-    return powered.pow(1.0 / norm_type)
+        per = units.new_zeros(n).scatter_reduce_(0, seg, units, "amax", include_self=False)
+    else:
+        per = units.new_zeros(n).index_add_(0, seg, units.pow(norm_type)).pow(1.0 / norm_type)
+    return per.new_empty(n).index_copy_(0, order, per)
 
 
 # ---------------------------------------------------------------------------------------
