@@ -24,7 +24,7 @@ References:
     Normalization", ICML 2021 (AGC).
     Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive Gradient Clipping for
     Source Separation Networks", MLSP 2020.
-    Kumar, Owen, Ashkboos and Alistarh, "ZClip: Adaptive Spike Mitigation for LLM
+    Kumar, Owen, Chowdhury and Güra, "ZClip: Adaptive Spike Mitigation for LLM
     Pre-Training", 2025.
 """
 
@@ -170,8 +170,9 @@ def sorted_ring_push(ring: Tensor, sorted_: Tensor, count: Tensor, value: Tensor
     """Push ``value`` (one per row) into each row's ring buffer, evicting the oldest, and keep
     ``sorted_`` the same values in ascending order. Rows where ``accept`` is False are left alone.
 
-    A row of ``ring``/``sorted_`` holds ``L`` slots, ``+inf`` where still empty. The insert is
-    index arithmetic over the row (two ``searchsorted`` and one ``gather``): O(L) per row
+    A row of ``ring``/``sorted_`` holds ``L`` slots, ``+inf`` where still empty. The evicted
+    value leaves the sorted row at ``d`` and the new one enters at ``i``: every other slot
+    takes its own value or a neighbour's, so the update is a few ``where``s over the row, O(L),
     instead of the O(L log L) sort a quantile of the raw history costs every step.
     Shapes: ``ring``, ``sorted_``: ``(R, L)``; ``count``, ``value``, ``accept``: ``(R,)``.
     """
@@ -179,14 +180,15 @@ def sorted_ring_push(ring: Tensor, sorted_: Tensor, count: Tensor, value: Tensor
     pos = (count % length).unsqueeze(1)
     evicted = ring.gather(1, pos)
     new = torch.where(accept.unsqueeze(1), value.unsqueeze(1).to(ring.dtype), evicted)
-    # where the evicted value sits, and where the new one goes once it is gone
-    gone_at = torch.searchsorted(sorted_, evicted)
-    insert_at = torch.searchsorted(sorted_, new) - (evicted < new).long()
-    j = torch.arange(length, device=ring.device).unsqueeze(0)
-    before = j + (j >= gone_at).long()  # slot j of the row without the evicted value
-    after = (j - 1) + ((j - 1) >= gone_at).long()
-    source = torch.where(j < insert_at, before, after).clamp_(0, length - 1)
-    new_sorted = torch.where(j == insert_at, new, sorted_.gather(1, source))
+    d = torch.searchsorted(sorted_, evicted)  # where the evicted value sits
+    i = torch.searchsorted(sorted_, new) - (evicted < new).long()  # where the new one goes once it is gone
+    j = torch.arange(length, device=ring.device)
+    pad = sorted_.new_full((sorted_.shape[0], 1), math.inf)
+    next_ = torch.cat([sorted_[:, 1:], pad], 1)
+    prev = torch.cat([pad, sorted_[:, :-1]], 1)
+    below = torch.where(j < d, sorted_, next_)  # slot j of the row without the evicted value
+    above = torch.where(j <= d, prev, sorted_)  # slot j - 1 of it
+    new_sorted = torch.where(j < i, below, torch.where(j == i, new, above))
     return ring.scatter(1, pos, new), new_sorted, count + accept.long()
 
 

@@ -45,9 +45,10 @@ class ClippedOptimizer(Optimizer):
     Args:
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
         mode: ``"norm"`` (global norm over all gradients), ``"per_param"`` (each gradient
-            tensor to ``max_norm`` on its own) or ``"value"`` (element-wise clamp).
+            tensor to ``max_norm`` on its own), ``"value"`` (element-wise clamp), or an
+            adaptive mode: ``"agc"``, ``"autoclip"``, ``"zclip"`` (see docs/adaptive.md).
         max_norm: the norm bound for ``"norm"``/``"per_param"``; 1.0 is the usual choice
-            for transformers.
+            for transformers. For ``"zclip"`` the cap on its bound (``None``: no cap).
         norm_type: p of the p-norm (> 0, or ``inf``); also the norm recorded in every mode.
         clip_value: the bound of ``mode="value"`` (required there, rejected elsewhere).
         nonfinite: what a step whose gradients hold NaN/Inf does. ``"skip"`` leaves the
@@ -98,7 +99,7 @@ class ClippedOptimizer(Optimizer):
         optimizer: Optimizer,
         *,
         mode: str = "norm",
-        max_norm: float = 1.0,
+        max_norm: float | None = 1.0,
         norm_type: float = 2.0,
         clip_value: float | None = None,
         nonfinite: str = "skip",
