@@ -14,7 +14,7 @@ State keys (tensors on the gradients' device, in ``optimizer.state["clip"]``):
     autoclip_ring, autoclip_sorted, autoclip_count: the norm history of AutoClip, as a
         ring buffer in arrival order and the same values kept sorted (``+inf`` = empty
         slot), with the number of norms accepted so far; one row per parameter when
-        ``per_param=True``.
+        ``per_param=True``, and then ``autoclip_thresholds``, each parameter's last bound.
     zclip_warmup, zclip_seen, zclip_mean, zclip_var: ZClip's warm-up norms (float64), the
         number of norms accepted, and the EMA of the mean and variance (float64).
     spike_ring, spike_count: the rolling window of the spike detector.
@@ -280,9 +280,13 @@ def _autoclip_per_param(cfg: ClipConfig, batch: GradBatch, grad_scale, stacked: 
         r, s, c = sorted_ring_push(ring[rows], sorted_[rows], count[rows], stacked, row_accept)
         ring, sorted_, count = ring.index_copy(0, rows, r), sorted_.index_copy(0, rows, s), count.index_copy(0, rows, c)
     scale_each_(batch, (coefs if grad_scale is None else coefs / grad_scale.to(dev)).unbind())
-    clip_state.update(autoclip_ring=ring, autoclip_sorted=sorted_, autoclip_count=count)
-    smallest = coefs.min() if len(batch) else torch.ones((), device=dev)
-    return smallest, stacked, thresholds
+    clip_state.update(autoclip_ring=ring, autoclip_sorted=sorted_, autoclip_count=count, autoclip_thresholds=thresholds)
+    if not len(batch):
+        return torch.ones((), device=dev), stacked, torch.full((), math.inf, device=dev)
+    # the statistics keep one number: the parameter clipped hardest, its coefficient and bound
+    hardest = coefs.argmin()
+    bound = thresholds[hardest] if len(batch) == n_total else thresholds[rows][hardest]
+    return coefs[hardest], stacked, bound
 
 
 # ---------------------------------------------------------------------------------------

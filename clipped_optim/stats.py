@@ -8,8 +8,8 @@ value syncs, so read them when logging, not every step.
 Keys:
     grad_norm: pre-clip global norm of the last step's (unscaled) gradients.
     clip_coef: factor the last step's gradients were multiplied by (<= 1).
-    threshold: the bound in effect at the last step (1-D, one per parameter in optimizer
-        order, for ``mode="autoclip", per_param=True``).
+    threshold: the bound in effect at the last step (with one bound per parameter, that of
+        the parameter clipped hardest, whose coefficient is ``clip_coef``).
     The adaptive modes keep their own state beside these keys (see clipped_optim.adaptive).
     param_norms: pre-clip norm of each parameter's gradient at the last step, 1-D, in the
         optimizer's parameter order (the order of ``state_dict()["param_groups"]``); 0 where
