@@ -41,7 +41,7 @@ from .norms import _HALF, GradBatch
 __all__ = ["FlatGrads", "FlatLayout"]
 
 #: what ``ClippedOptimizer._gather_grads`` returns: (clipped, unclipped, positions, n_params)
-Gathered = tuple[list[Tensor], list[Tensor], list[int], int]
+Gathered = tuple[list[Tensor], list[Tensor], list[int], int, list[Tensor]]  # see ClippedOptimizer._gather_grads
 
 
 class _Block:
