@@ -441,6 +441,11 @@ def _spike_gate(cfg: ClipConfig, clip_state: dict[str, Any], total: Tensor) -> t
     if "spike_ring" not in clip_state:
         clip_state.update(spike_ring=torch.zeros(cfg.spike_window, dtype=_wide(device), device=device), spike_count=torch.zeros((), dtype=torch.int64, device=device))
     ring, count = clip_state["spike_ring"], clip_state["spike_count"]
+    if ring.shape[0] != cfg.spike_window:
+        raise ValueError(
+            f"ClippedOptimizer: the checkpoint's spike window holds {ring.shape[0]} norms, "
+            f"but this optimizer uses spike_window={cfg.spike_window}"
+        )
     min_count = min(cfg.spike_window, max(20, cfg.spike_window // 2))  # as OLMo-core
     spike, bound = spike_test(ring, count, total, cfg.spike_sigma, min_count)
     spike = spike & finite
