@@ -47,14 +47,12 @@ __all__ = [
     "Reduction",
     "Sharding",
     "check_process_group",
-    "Reduction",
     "plan_reduction",
     "local_grads",
     "reduce_total_norm",
     "get_optimizer_state_dict",
     "set_optimizer_state_dict",
 ]
-
 
 
 def _dtensor_type() -> type | None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clipped_optim import ClippedOptimizer
-from clipped_optim.diagnostics import ClipReport, advise, clip_report, clip_stats, plot_history
+from clipped_optim.diagnostics import ClipReport, advise, clip_stats, plot_history
 
 
 def _opt(max_norm=1.0, history_size=1000, **kw):

@@ -91,11 +91,3 @@ def test_training_is_deterministic(spike_rescue):
         torch.use_deterministic_algorithms(False)
     assert a.losses == b.losses and a.norms == b.norms
     assert a.clipped[6] and len(a.thresholds) == 12
-
-
-def test_adaptive_mode_choice(spike_rescue):
-    import clipped_optim
-
-    mode, extra = spike_rescue.adaptive_mode()
-    assert mode in clipped_optim.MODES
-    assert mode == ("zclip" if "zclip" in clipped_optim.MODES else "per_param")
