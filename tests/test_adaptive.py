@@ -25,8 +25,10 @@ autoclip_torch = pytest.importorskip("autoclip.torch")
 zclip = pytest.importorskip("zclip")
 
 
-def _load_timm_agc():
-    """``timm/utils/agc.py`` by file path: ``import timm`` needs torchvision."""
+@pytest.fixture(scope="module")
+def timm_agc():
+    """``timm/utils/agc.py`` by file path: ``import timm`` needs torchvision. The AGC parity
+    tests skip where timm is absent (``.ci/run`` installs it with ``--no-deps``)."""
     spec = importlib.util.find_spec("timm")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("timm is not installed")
@@ -35,9 +37,6 @@ def _load_timm_agc():
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
-
-
-timm_agc = _load_timm_agc()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -85,7 +84,7 @@ def sgd(model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
 
 # -- AGC --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("clip_factor,eps", [(0.01, 1e-3), (0.1, 1e-2)])
-def test_agc_equals_timm(clip_factor, eps):
+def test_agc_equals_timm(clip_factor, eps, timm_agc):
     ref, ours = make_model(), make_model()
     ref_opt = sgd(ref)
     opt = ClippedOptimizer(sgd(ours), mode="agc", clip_factor=clip_factor, eps=eps)
@@ -99,7 +98,7 @@ def test_agc_equals_timm(clip_factor, eps):
     assert int(opt.state["clip"]["clipped_steps"]) > 0
 
 
-def test_agc_clips_gradients_like_timm_exactly():
+def test_agc_clips_gradients_like_timm_exactly(timm_agc):
     """The clipped gradients themselves, unit by unit, on many random scales."""
     model = make_model()
     opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), mode="agc")
@@ -115,7 +114,7 @@ def test_agc_clips_gradients_like_timm_exactly():
             assert torch.equal(p.grad, q.grad)
 
 
-def test_agc_param_group_opt_out():
+def test_agc_param_group_opt_out(timm_agc):
     """NFNets leave the final classifier unclipped: a group with "clip": False."""
     ref, ours = make_model(), make_model()
     body = lambda m: list(m.parameters())[:-2]  # noqa: E731
