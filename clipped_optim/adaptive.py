@@ -30,6 +30,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from .config import ClipConfig
 from .modes import EPS, ClipResult, _device, _measure, global_norm_coef
+from ._tensors import index_tensor
 from .norms import GradBatch, scale_, scale_each_, tensor_norms
 
 __all__ = [
@@ -117,7 +119,7 @@ def run_agc(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, 
     stacked = _tensor_norms_from_units(g_units, units, len(grads), cfg.norm_type, dev)
     total = torch.linalg.vector_norm(stacked, cfg.norm_type) if grads else torch.zeros((), device=dev)
     smallest = coefs.min() if coefs.numel() else torch.ones((), device=dev)
-    return _with_spikes(cfg, clip_state, ClipResult(total, smallest, stacked, torch.tensor(cfg.clip_factor, device=dev)))
+    return _with_spikes(cfg, clip_state, ClipResult(total, smallest, stacked, torch.full((), cfg.clip_factor, device=dev)))
 
 
 def _unit_factors(factors: Tensor, grads: list[Tensor], units: _Units) -> list[Tensor]:
@@ -147,15 +149,21 @@ def _agc_params(batch: GradBatch) -> list[Tensor]:
     return params
 
 
+@functools.lru_cache(maxsize=64)
+def _segments(n_small: int, rows: tuple[int, ...]) -> tuple[int, ...]:
+    """Which tensor each unit belongs to: the small tensors' own units, then each big
+    tensor's rows (built once per layout: an index made on the host, not per step)."""
+    return tuple(range(n_small)) + tuple(n_small + j for j, r in enumerate(rows) for _ in range(r))
+
+
 def _tensor_norms_from_units(units: Tensor, where: _Units, n: int, norm_type: float, device) -> Tensor:
     """Per-tensor norms (in batch order) from their units' norms: a second full pass over the
     gradients saved. A <= 1-D tensor is its own unit; a >= 2-D one reduces its rows' norms."""
     if n == 0:
         return units.new_zeros(0)
     n_small = len(where.small)
-    order = torch.tensor(where.small + where.big, device=device)
-    seg = torch.repeat_interleave(torch.arange(n_small, n, device=device), torch.tensor(where.rows, device=device))
-    seg = torch.cat([torch.arange(n_small, device=device), seg])
+    order = index_tensor(where.small + where.big, device)
+    seg = index_tensor(_segments(n_small, tuple(where.rows)), device)
     if math.isinf(norm_type):
         per = units.new_zeros(n).scatter_reduce_(0, seg, units, "amax", include_self=False)
     else:
@@ -201,7 +209,7 @@ def quantile_sorted(sorted_: Tensor, count: Tensor, q: float) -> Tensor:
     """
     length = sorted_.shape[1]
     n = count.clamp(max=length)
-    ranks = torch.tensor(q, dtype=sorted_.dtype, device=sorted_.device) * (n - 1).clamp(min=0)
+    ranks = torch.full((), q, dtype=sorted_.dtype, device=sorted_.device) * (n - 1).clamp(min=0)
     below = ranks.long()
     above = ranks.ceil().long()
     lo = sorted_.gather(1, below.unsqueeze(1)).squeeze(1)
@@ -275,7 +283,7 @@ def _autoclip_per_param(cfg: ClipConfig, batch: GradBatch, grad_scale, stacked: 
         ring, sorted_, count = sorted_ring_push(ring, sorted_, count, stacked, row_accept)
     else:  # a parameter's history grows only on the steps it has a gradient, as in autoclip
         positions = range(len(batch)) if batch.positions is None else batch.positions
-        rows = torch.tensor(list(positions), dtype=torch.long).to(dev, non_blocking=True)
+        rows = index_tensor(positions, dev)
         coefs = _coef(stacked, thresholds[rows])
         r, s, c = sorted_ring_push(ring[rows], sorted_[rows], count[rows], stacked, row_accept)
         ring, sorted_, count = ring.index_copy(0, rows, r), sorted_.index_copy(0, rows, s), count.index_copy(0, rows, c)

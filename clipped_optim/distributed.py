@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._tensors import index_tensor
 from .stats import STATE_KEY as CLIP_KEY
 from .stats import restore_clip_state
 
@@ -195,7 +196,7 @@ def _pnorm(stacked: Tensor, index: list[int], norm_type: float) -> Tensor:
     if not index:
         return stacked.new_zeros(())
     if len(index) < len(stacked):  # a mix; all-shared (FSDP2) and all-local skip the gather
-        stacked = stacked.index_select(0, torch.tensor(index, device=stacked.device))
+        stacked = stacked.index_select(0, index_tensor(index, stacked.device))
     return torch.linalg.vector_norm(stacked, norm_type)
 
 

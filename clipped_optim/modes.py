@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._tensors import scalar_like
 from .norms import GradBatch, as_batch, clamp_, scale_, scale_each_, tensor_norms, total_norm
 
 __all__ = ["ClipResult", "clip_grad_norm", "clip_grad_value", "clip_grad_norm_per_param", "EPS"]
@@ -96,7 +97,7 @@ def clip_grad_norm(
     coef = global_norm_coef(total, max_norm)
     if apply:
         scale_(batch, coef if grad_scale is None else coef / grad_scale.to(dev))
-    return ClipResult(total, coef, stacked, torch.as_tensor(max_norm, dtype=total.dtype, device=dev))
+    return ClipResult(total, coef, stacked, scalar_like(max_norm, total))
 
 
 def clip_grad_norm_per_param(
@@ -120,7 +121,7 @@ def clip_grad_norm_per_param(
     factors = coefs if grad_scale is None else coefs / grad_scale.to(dev)
     scale_each_(batch, factors.unbind())
     smallest = coefs.min() if len(batch) else torch.ones((), dtype=total.dtype, device=dev)
-    return ClipResult(total, smallest, stacked, torch.as_tensor(max_norm, dtype=total.dtype, device=dev))
+    return ClipResult(total, smallest, stacked, scalar_like(max_norm, total))
 
 
 def clip_grad_value(
@@ -145,4 +146,4 @@ def clip_grad_value(
     clamp_(batch, clip_value)
     after, _ = total_norm(tensor_norms(batch, norm_type), norm_type, dev, batch.sharding)
     coef = torch.where(total > 0, after / total.clamp(min=torch.finfo(total.dtype).tiny), 1.0)
-    return ClipResult(total, coef, stacked, torch.as_tensor(clip_value, dtype=total.dtype, device=dev))
+    return ClipResult(total, coef, stacked, scalar_like(clip_value, total))

@@ -27,6 +27,7 @@ __all__ = ["GradBatch", "tensor_norms", "total_norm", "scale_", "scale_each_", "
 _HALF = (torch.float16, torch.bfloat16)
 
 
+
 class GradBatch:
     """A list of dense gradient tensors, grouped by ``(device, dtype)`` once.
 

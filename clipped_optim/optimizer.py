@@ -20,6 +20,7 @@ from .amp_scaler import report_found_inf
 from .dispatch import is_scalar, run_mode
 from .config import ClipConfig
 from .flat import FlatGrads
+from ._tensors import index_tensor
 from .norms import GradBatch, scale_, tensor_norms, total_norm
 
 __all__ = ["ClippedOptimizer"]
@@ -320,7 +321,7 @@ class ClippedOptimizer(Optimizer):
             result = self._check_unclipped(result, GradBatch(local, self.config.foreach, sharding), grad_scale)
         if len(positions) != n_params:
             full = result.param_norms.new_zeros(n_params)
-            index = torch.tensor(positions, dtype=torch.long).to(full.device, non_blocking=True)
+            index = index_tensor(positions, full.device)
             result = result._replace(param_norms=full.index_copy_(0, index, result.param_norms))
         return result, fold
 

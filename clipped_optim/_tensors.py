@@ -1,0 +1,34 @@
+"""Small tensors made without a host-to-device copy in the step (one place for both tricks)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["index_tensor", "scalar_like"]
+
+
+@functools.lru_cache(maxsize=256)
+def _index_tensor(values: tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.long).to(device)
+
+
+def index_tensor(values: Sequence[int], device: torch.device) -> Tensor:
+    """``torch.tensor(values)`` on ``device``, made once per distinct index list.
+
+    A host-to-device copy from pageable memory makes the host wait for the device's queue (a
+    sync in all but name): the index lists of a step (which parameters have gradients, a
+    layout's order) repeat from step to step, so each is copied once and reused.
+    """
+    return _index_tensor(tuple(values), torch.device(device))
+
+
+def scalar_like(value: float | Tensor, like: Tensor) -> Tensor:
+    """A 0-dim tensor holding ``value`` on ``like``'s device and dtype, with no host-to-device
+    copy (``torch.tensor(x, device=cuda)`` copies from the host and waits for the device)."""
+    if isinstance(value, Tensor):
+        return value.to(like.device, like.dtype)
+    return torch.full((), value, dtype=like.dtype, device=like.device)
