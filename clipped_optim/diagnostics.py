@@ -136,13 +136,14 @@ class ClipReport:
         return "\n".join(lines)
 
 
-def _unroll(history: Tensor, total_steps: int) -> tuple[list[int], Tensor]:
-    """The ring buffer's rows in step order, and their 0-based step numbers."""
+def _unroll(history: Tensor, total_steps: int, first_step: int = 0) -> tuple[list[int], Tensor]:
+    """The ring buffer's rows in step order, and their 0-based step numbers. ``first_step``:
+    the first step the buffer recorded (a buffer created or resized at a checkpoint load holds
+    nothing of the steps before it)."""
     size = history.shape[0]
-    if total_steps <= size:
-        return list(range(total_steps)), history[:total_steps]
-    start = total_steps % size
-    return list(range(total_steps - size, total_steps)), torch.cat([history[start:], history[:start]])
+    begin = max(first_step, total_steps - size)
+    order = [k % size for k in range(begin, total_steps)]
+    return list(range(begin, total_steps)), history[order]
 
 
 def clip_report(optimizer: Any, window: int | None = None) -> ClipReport:
@@ -161,9 +162,11 @@ def clip_report(optimizer: Any, window: int | None = None) -> ClipReport:
     if history is None:  # counters only: the figures cover every step since the start
         total, clipped, skipped, nonfinite = (int(v) for v in counters.tolist())
         return _counters_only_report(state["mode"], total, clipped, skipped, nonfinite)
+    start = state.get("history_start", torch.zeros((), dtype=torch.int64, device=counters.device))
+    counters = torch.cat([counters, start.to(counters).view(1)])
     flat = torch.cat([counters, history.detach().to(torch.float64).flatten()]).cpu()  # the one sync
-    total, _, _, nonfinite_total = (int(v) for v in flat[: len(counters)])
-    steps, rows = _unroll(flat[len(counters) :].view(history.shape), total)
+    total, _, _, nonfinite_total, first = (int(v) for v in flat[: len(counters)])
+    steps, rows = _unroll(flat[len(counters) :].view(history.shape), total, first)
     if window is not None:
         steps, rows = steps[-window:], rows[-window:]
     norms, thresholds, coefs, skipped = rows.unbind(1)

@@ -49,6 +49,7 @@ def new_clip_state(mode: str, device: torch.device, history_size: int = 0) -> di
     state.update({name: zero(torch.int64) for name in COUNTERS})
     if history_size > 0:
         state["history"] = torch.zeros(history_size, len(HISTORY_COLUMNS), dtype=torch.float32, device=device)
+        state["history_start"] = zero(torch.int64)  # the first step the buffer recorded
     return state
 
 
@@ -72,8 +73,11 @@ def restore_clip_state(
         state[key] = value.detach().clone().to(device) if isinstance(value, Tensor) else value
     if history_size == 0:
         state.pop("history", None)
-    elif state["history"].shape[0] != history_size:  # resized: keep nothing rather than misplace rows
+        state.pop("history_start", None)
+    elif "history" not in loaded or state["history"].shape[0] != history_size:
+        # new or resized: keep nothing rather than misplace rows, and say where it starts
         state["history"] = new_clip_state(mode, device, history_size)["history"]
+        state["history_start"] = state["steps"].clone()
     return state
 
 

@@ -251,3 +251,21 @@ def test_plot_history_writes_a_png(tmp_path):
 def test_report_is_a_dataclass_with_advice_field():
     r = ClipReport("norm", 0, 0, 0, 0.0, 0, 0, {}, math.nan, [])
     assert advise(r)[0].startswith("Only 0 steps")
+
+
+def test_report_after_loading_into_a_new_history_covers_only_recorded_steps():
+    # A checkpoint written without a history (or with another size) gives a fresh buffer:
+    # the report must not read its zero rows as steps.
+    model = torch.nn.Linear(3, 1)
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), history_size=0)
+    for _ in range(30):
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    fresh = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), history_size=100)
+    fresh.load_state_dict(opt.state_dict())
+    model(torch.randn(4, 3)).sum().backward()
+    fresh.step()
+    report = fresh.report()
+    assert (report.total_steps, report.window, report.steps) == (31, 1, [30])
+    assert report.norms[0] > 0
