@@ -228,6 +228,13 @@ def _autoclip_state(cfg: ClipConfig, clip_state: dict[str, Any], rows: int, devi
             f"ClippedOptimizer: the checkpoint's AutoClip history has length {ring.shape[1]}, "
             f"but this optimizer uses history_length={cfg.history_length}"
         )
+    # One global history or one per parameter: a checkpoint of the other kind would be read
+    # as the wrong rows, so it is refused.
+    if clip_state.setdefault("autoclip_per_param", bool(cfg.per_param)) != bool(cfg.per_param):
+        raise ValueError(
+            f"ClippedOptimizer: the checkpoint's AutoClip history was kept with per_param="
+            f"{clip_state['autoclip_per_param']}, but this optimizer uses per_param={cfg.per_param}"
+        )
     grow = rows - ring.shape[0]
     if grow > 0:  # first step, or a param group was added
         pad = torch.full((grow, cfg.history_length), math.inf, device=device)

@@ -164,6 +164,13 @@ class ClippedOptimizer(Optimizer):
                 "ClippedOptimizer: flat_grads=True is not supported with sharded gradients "
                 "(DTensor parameters or process_group=); use flat_grads=False"
             )
+        if self._flat is not None and self.config.mode == "autoclip" and self.config.per_param:
+            # zero_grad() keeps the views: a parameter without a gradient in a step would push
+            # a norm of 0 into its own history and pull its bound down.
+            raise ValueError(
+                "ClippedOptimizer: flat_grads=True is not supported with mode='autoclip', per_param=True; "
+                "use flat_grads=False"
+            )
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
             # Optimizers that skip Optimizer.__init__ (torch_optimizer's Lookahead) lack these,

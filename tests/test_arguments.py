@@ -60,3 +60,8 @@ def test_accepted_spellings():
     assert ClippedOptimizer(_inner(), norm_type="inf").config.norm_type == math.inf
     assert ClippedOptimizer(_inner(), max_norm=2).config.max_norm == 2.0
     assert ClippedOptimizer(_inner(), mode="value", clip_value=1).config.clip_value == 1.0
+
+
+def test_flat_grads_with_per_parameter_autoclip_is_refused():
+    with pytest.raises(ValueError, match="flat_grads=True is not supported with mode='autoclip', per_param=True"):
+        ClippedOptimizer(_inner(), mode="autoclip", per_param=True, flat_grads=True)
