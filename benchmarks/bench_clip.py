@@ -213,10 +213,8 @@ def clip_only_specs():
         opt = ClippedOptimizer(sgd(v.params), max_norm=MAX_NORM, flat_grads=True)
         v.opt = opt
 
-        def run():
-            with torch.no_grad():
-                result = opt._clip(None, apply=True)
-            opt._decide(result, None)
+        def run():  # everything step() does before the inner step: norm, clip, decide, record
+            opt._clip_and_record(None, None, fold=False)
 
         return run
 
