@@ -119,7 +119,7 @@ def run_agc(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, 
     stacked = _tensor_norms_from_units(g_units, units, len(grads), cfg.norm_type, dev)
     total = torch.linalg.vector_norm(stacked, cfg.norm_type) if grads else torch.zeros((), device=dev)
     smallest = coefs.min() if coefs.numel() else torch.ones((), device=dev)
-    return _with_spikes(cfg, clip_state, ClipResult(total, smallest, stacked, torch.full((), cfg.clip_factor, device=dev)))
+    return add_spike_skip(cfg, clip_state, ClipResult(total, smallest, stacked, torch.full((), cfg.clip_factor, device=dev)))
 
 
 def _unit_factors(factors: Tensor, grads: list[Tensor], units: _Units) -> list[Tensor]:
@@ -473,11 +473,7 @@ def _spike_gate(cfg: ClipConfig, clip_state: dict[str, Any], total: Tensor) -> t
     return spike, finite & ~spike
 
 
-def _with_spikes(cfg: ClipConfig, clip_state: dict[str, Any], result: ClipResult) -> ClipResult:
+def add_spike_skip(cfg: ClipConfig, clip_state: dict[str, Any], result: ClipResult) -> ClipResult:
+    """Spike skipping for a mode whose norm is known only after it ran (the fixed modes, AGC)."""
     skip, _ = _spike_gate(cfg, clip_state, result.total_norm)
     return result if skip is None else result._replace(skip=skip)
-
-
-def add_spike_skip(cfg: ClipConfig, clip_state: dict[str, Any], result: ClipResult) -> ClipResult:
-    """Spike skipping for a stateless mode: the norm is known only after it ran."""
-    return _with_spikes(cfg, clip_state, result)

@@ -66,7 +66,6 @@ class FlatLayout:
         self.blocks: list[_Block] = blocks
         self.singles: list[tuple[list[Tensor], list[int]]] = singles  # per key: views, positions
         order = [i for b in blocks for i in b.positions] + [i for _, pos in singles for i in pos]
-        self.n = n
         # index of each batch position within the concatenated results (None: already in order)
         self._gather = None if order == list(range(n)) else _inverse(order)
         self._device = next(iter(buffers))[0] if buffers else torch.device("cpu")
@@ -156,7 +155,7 @@ class FlatGrads:
         if self._last is not None and self._unchanged(param_groups):
             return self._last, self.batch_
         gathered = gather_fn()
-        batch = self.batch(gathered[0], param_groups, foreach)
+        batch = self.batch(gathered[0], gathered[4], foreach)
         self._last = None
         if batch is self.batch_ and not gathered[1]:  # flat, and no opted-out group to re-read
             self._last = (list(self.views),) + tuple(gathered[1:])  # type: ignore[assignment]
@@ -170,16 +169,17 @@ class FlatGrads:
         now = [p.grad for g in param_groups for p in g["params"]]
         return len(now) == len(self._seen) and all(map(operator.is_, now, self._seen))
 
-    def batch(self, grads: list[Tensor], param_groups: Iterable[dict[str, Any]], foreach: bool | None) -> GradBatch:
+    def batch(self, grads: list[Tensor], params: list[Tensor], foreach: bool | None) -> GradBatch:
         """The step's :class:`GradBatch`, flat when ``grads`` are (or can become) the views.
 
-        ``grads`` are the gradients the wrapper gathered, in optimizer order; the cheap case
-        (every one is still its view) costs one identity comparison per parameter.
+        ``grads`` are the gradients the wrapper gathered, in optimizer order, and ``params``
+        their parameters; the cheap case (every one is still its view) costs one identity
+        comparison per parameter.
         """
         if self.batch_ is not None and len(grads) == len(self.views) and all(map(operator.is_, grads, self.views)):
             return self.batch_
-        params = _params_with_dense_grads(param_groups)
-        if len(params) != len(grads) or not all(p.grad is g for p, g in zip(params, grads)):
+        # A sparse gradient is gathered as its values, which are not ``p.grad``.
+        if not all(p.grad is g for p, g in zip(params, grads)):
             return GradBatch(grads, foreach)  # sparse gradients among them: not flattened
         self._adopt(params, grads, foreach)
         assert self.batch_ is not None
@@ -221,11 +221,3 @@ class FlatGrads:
                         g.requires_grad_(False)
                     g.zero_()
 
-
-def _params_with_dense_grads(param_groups: Iterable[dict[str, Any]]) -> list[Tensor]:
-    """The parameters whose gradients the wrapper clips, in the order it gathers them."""
-    out = []
-    for group in param_groups:
-        if group.get("clip", True):
-            out.extend(p for p in group["params"] if p.grad is not None and p.grad.numel() > 0)
-    return out

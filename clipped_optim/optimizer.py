@@ -224,12 +224,12 @@ class ClippedOptimizer(Optimizer):
         inner_closure = None if closure is None else self._replay(loss, closure)
         if fused:
             if must_raise:
-                self._sync_decision(skip, finite, result)
+                self._sync_decision(skip, finite, result, must_raise)
             # The kernel unscales, clips and skips by itself: no host sync.
             divisor = (1.0 if grad_scale is None else grad_scale) / result.clip_coef if folded else None
             with amp.fused_kernel_args(self.optimizer, divisor, skip):
                 out = self.optimizer.step(inner_closure)
-        elif self._needs_host_decision(found_inf, result) and self._sync_decision(skip, finite, result):
+        elif self._needs_host_decision(found_inf, result) and self._sync_decision(skip, finite, result, must_raise):
             return loss
         else:
             out = self.optimizer.step(inner_closure)
@@ -266,13 +266,14 @@ class ClippedOptimizer(Optimizer):
     def _needs_host_decision(self, found_inf: Tensor | None, result: modes.ClipResult) -> bool:
         return self.config.nonfinite != "propagate" or found_inf is not None or result.skip is not None
 
-    def _sync_decision(self, skip: Tensor, finite: Tensor, result: modes.ClipResult) -> bool:
-        """The one device-to-host sync of a step: whether to skip, raising if the policy says so.
-        Under GradScaler an overflow is routine (the scale is calibrating): skipped, not raised."""
-        if self.config.nonfinite != "raise":
+    def _sync_decision(self, skip: Tensor, finite: Tensor, result: modes.ClipResult, must_raise: bool) -> bool:
+        """The one device-to-host sync of a step: whether to skip, raising if ``must_raise``
+        (policy "raise" and no GradScaler: under GradScaler an overflow is routine, the scale
+        is calibrating, so it is skipped, not raised)."""
+        if not must_raise:
             return bool(skip)
         skip_now, bad = torch.stack([skip > 0, ~finite]).tolist()
-        if bad and amp.scaler_args(self)[1] is None:
+        if bad:
             self._raise_nonfinite(result)
         return skip_now
 

@@ -70,7 +70,7 @@ def restore_clip_state(
             f"but this optimizer uses mode={mode!r}; construct it with the checkpoint's mode"
         )
     for key, value in loaded.items():
-        state[key] = value.detach().clone().to(device) if isinstance(value, Tensor) else value
+        state[key] = value.detach().to(device, copy=True) if isinstance(value, Tensor) else value
     if history_size == 0:
         state.pop("history", None)
         state.pop("history_start", None)
