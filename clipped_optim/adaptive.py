@@ -38,9 +38,10 @@ import torch
 from torch import Tensor
 
 from .config import ClipConfig
-from .modes import EPS, ClipResult, _device, _measure, global_norm_coef
+from .modes import EPS, ClipResult, Gate, _device, _measure, global_norm_coef, held, open_gate, unscaled
 from ._tensors import index_tensor
 from .norms import GradBatch, scale_, scale_each_, tensor_norms
+from .stats import check_tensor
 
 __all__ = [
     "agc_coefs",
@@ -52,7 +53,8 @@ __all__ = [
     "run_agc",
     "run_autoclip",
     "run_zclip",
-    "add_spike_skip",
+    "spike_gate",
+    "check_adaptive_state",
 ]
 
 #: ZClip's ``eps`` (added to the standard deviation of the z-score), as the package's default.
@@ -100,7 +102,7 @@ def agc_coefs(param_units: Tensor, grad_units: Tensor, clip_factor: float, eps: 
 
 
 @torch.no_grad()
-def run_agc(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state) -> ClipResult:
+def run_agc(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
     """Adaptive gradient clipping (unit-wise ratio of gradient norm to weight norm).
 
     ``grad * min(1, clip_factor * max(|w|, eps) / |grad|)`` per output unit. Equal to
@@ -114,12 +116,12 @@ def run_agc(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, 
     if grad_scale is not None:
         g_units = g_units / grad_scale.to(dev)
     coefs = agc_coefs(_unit_norms(params, units, cfg.norm_type, dev), g_units, cfg.clip_factor, cfg.eps)
-    factors = coefs if grad_scale is None else coefs / grad_scale.to(dev)
-    scale_each_(batch, _unit_factors(factors, grads, units))
     stacked = _tensor_norms_from_units(g_units, units, len(grads), cfg.norm_type, dev)
     total = torch.linalg.vector_norm(stacked, cfg.norm_type) if grads else torch.zeros((), device=dev)
+    hold, _ = open_gate(gate, total)
+    scale_each_(batch, _unit_factors(unscaled(held(coefs, hold), grad_scale, dev), grads, units))
     smallest = coefs.min() if coefs.numel() else torch.ones((), device=dev)
-    return add_spike_skip(cfg, clip_state, ClipResult(total, smallest, stacked, torch.full((), cfg.clip_factor, device=dev)))
+    return ClipResult(total, smallest, stacked, torch.full((), cfg.clip_factor, device=dev))
 
 
 def _unit_factors(factors: Tensor, grads: list[Tensor], units: _Units) -> list[Tensor]:
@@ -223,18 +225,7 @@ def _autoclip_state(cfg: ClipConfig, clip_state: dict[str, Any], rows: int, devi
     if ring is None:
         ring = torch.full((0, cfg.history_length), math.inf, device=device)
         clip_state.update(autoclip_ring=ring, autoclip_sorted=ring.clone(), autoclip_count=torch.zeros(0, dtype=torch.int64, device=device))
-    if ring.shape[1] != cfg.history_length:
-        raise ValueError(
-            f"ClippedOptimizer: the checkpoint's AutoClip history has length {ring.shape[1]}, "
-            f"but this optimizer uses history_length={cfg.history_length}"
-        )
-    # One global history or one per parameter: a checkpoint of the other kind would be read
-    # as the wrong rows, so it is refused.
-    if clip_state.setdefault("autoclip_per_param", bool(cfg.per_param)) != bool(cfg.per_param):
-        raise ValueError(
-            f"ClippedOptimizer: the checkpoint's AutoClip history was kept with per_param="
-            f"{clip_state['autoclip_per_param']}, but this optimizer uses per_param={cfg.per_param}"
-        )
+    clip_state.setdefault("autoclip_per_param", bool(cfg.per_param))
     grow = rows - ring.shape[0]
     if grow > 0:  # first step, or a param group was added
         pad = torch.full((grow, cfg.history_length), math.inf, device=device)
@@ -251,7 +242,7 @@ def _coef(norm: Tensor, threshold: Tensor) -> Tensor:
     return torch.clamp((norm + EPS).reciprocal() * threshold, max=1.0)
 
 
-def run_autoclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state) -> ClipResult:
+def run_autoclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
     """AutoClip: clip to the ``quantile`` of the last ``history_length`` pre-clip norms.
 
     Global (one history of global norms; ``torch.nn.utils.clip_grad_norm_`` to it) or, with
@@ -261,20 +252,20 @@ def run_autoclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, dev
     """
     dev = _device(batch, device)
     total, stacked = _measure(batch, cfg.norm_type, grad_scale, dev)
-    skip, accept = _spike_gate(cfg, clip_state, total)
+    hold, accept = open_gate(gate, total)
     if cfg.per_param:
-        return ClipResult(total, *_autoclip_per_param(cfg, batch, grad_scale, stacked, accept, clip_state, dev), skip)
+        return ClipResult(total, *_autoclip_per_param(cfg, batch, grad_scale, stacked, hold, accept, clip_state, dev))
     ring, sorted_, count = _autoclip_state(cfg, clip_state, 1, dev)
     threshold = quantile_sorted(sorted_, count, cfg.quantile)[0]
     coef = _coef(total, threshold)
     if apply:
-        scale_(batch, coef if grad_scale is None else coef / grad_scale.to(dev))
+        scale_(batch, unscaled(held(coef, hold), grad_scale, dev))
     ring, sorted_, count = sorted_ring_push(ring, sorted_, count, total.reshape(1), accept.reshape(1))
     clip_state.update(autoclip_ring=ring, autoclip_sorted=sorted_, autoclip_count=count)
-    return ClipResult(total, coef, stacked, threshold, skip)
+    return ClipResult(total, coef, stacked, threshold)
 
 
-def _autoclip_per_param(cfg: ClipConfig, batch: GradBatch, grad_scale, stacked: Tensor, accept: Tensor, clip_state, dev):
+def _autoclip_per_param(cfg: ClipConfig, batch: GradBatch, grad_scale, stacked: Tensor, hold, accept: Tensor, clip_state, dev):
     if batch.sharding is not None:
         raise NotImplementedError(
             "ClippedOptimizer: mode='autoclip' with per_param=True on sharded gradients (FSDP, DTensor, "
@@ -294,7 +285,7 @@ def _autoclip_per_param(cfg: ClipConfig, batch: GradBatch, grad_scale, stacked: 
         coefs = _coef(stacked, thresholds[rows])
         r, s, c = sorted_ring_push(ring[rows], sorted_[rows], count[rows], stacked, row_accept)
         ring, sorted_, count = ring.index_copy(0, rows, r), sorted_.index_copy(0, rows, s), count.index_copy(0, rows, c)
-    scale_each_(batch, (coefs if grad_scale is None else coefs / grad_scale.to(dev)).unbind())
+    scale_each_(batch, unscaled(held(coefs, hold), grad_scale, dev).unbind())
     clip_state.update(autoclip_ring=ring, autoclip_sorted=sorted_, autoclip_count=count, autoclip_thresholds=thresholds)
     if not len(batch):
         return torch.ones((), device=dev), stacked, torch.full((), math.inf, device=dev)
@@ -326,11 +317,6 @@ def _zclip_state(cfg: ClipConfig, clip_state: dict[str, Any], device) -> ZClipSt
             zclip_seen=torch.zeros((), dtype=torch.int64, device=device),
             zclip_mean=zero,
             zclip_var=zero.clone(),
-        )
-    if clip_state["zclip_warmup"].shape[0] != cfg.warmup_steps:
-        raise ValueError(
-            f"ClippedOptimizer: the checkpoint's ZClip state has warmup_steps={clip_state['zclip_warmup'].shape[0]}, "
-            f"but this optimizer uses warmup_steps={cfg.warmup_steps}"
         )
     return ZClipState(clip_state["zclip_warmup"], clip_state["zclip_seen"], clip_state["zclip_mean"], clip_state["zclip_var"])
 
@@ -402,7 +388,7 @@ def _warmup_moments(values: Tensor) -> tuple[Tensor, Tensor]:
     return mean, (dev * dev).cumsum(0)[-1] / n
 
 
-def run_zclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state) -> ClipResult:
+def run_zclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
     """ZClip: clip the global norm to an adaptive bound when its z-score against the EMA of
     past norms exceeds ``z_thresh``; ``max_norm`` caps the bound (and is the bound of the
     warm-up). Equal to ``zclip.ZClip(alpha, z_thresh, max_grad_norm=max_norm, warmup_steps,
@@ -410,7 +396,7 @@ def run_zclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device
     """
     dev = _device(batch, device)
     total, stacked = _measure(batch, cfg.norm_type, grad_scale, dev)
-    skip, accept = _spike_gate(cfg, clip_state, total)
+    hold, accept = open_gate(gate, total)
     state = _zclip_state(cfg, clip_state, dev)
     # the package's own norm: sqrt(sum(norms ** 2)), which can differ from total in the last
     # bit; sharded, the per-tensor norms are of local pieces and only the total is global
@@ -424,9 +410,9 @@ def run_zclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device
     cap = math.inf if cfg.max_norm is None else cfg.max_norm  # a float, as the package passes it
     coef = torch.where(warm, global_norm_coef(total, cap), zcoef)
     if apply:
-        scale_(batch, coef if grad_scale is None else coef / grad_scale.to(dev))
+        scale_(batch, unscaled(held(coef, hold), grad_scale, dev))
     clip_state.update(zclip_warmup=new.warmup, zclip_seen=new.seen, zclip_mean=new.mean, zclip_var=new.var)
-    return ClipResult(total, coef, stacked, bound.to(total.dtype), skip)
+    return ClipResult(total, coef, stacked, bound.to(total.dtype))
 
 
 # ---------------------------------------------------------------------------------------
@@ -446,34 +432,69 @@ def spike_test(window: Tensor, count: Tensor, norm: Tensor, sigma: float, min_co
     return (n >= min_count) & (norm.to(window.dtype) > bound), bound
 
 
-def _spike_gate(cfg: ClipConfig, clip_state: dict[str, Any], total: Tensor) -> tuple[Tensor | None, Tensor]:
-    """``(skip, accept)``: the spike flag (``None`` when off) and whether this step's norm may
-    enter the mode's history (finite and not skipped)."""
-    finite = torch.isfinite(total)
-    if not cfg.skip_spikes:
-        return None, finite
+def spike_gate(cfg: ClipConfig, clip_state: dict[str, Any], total: Tensor, enter: Tensor) -> Tensor:
+    """Whether this step's norm is a spike (0-dim bool), and the window updated in ``clip_state``.
+
+    ``enter`` (0-dim bool) says whether the norm may enter the window at all: not when it is
+    NaN/Inf, nor when the step is skipped for another reason (an overflow, a NaN elsewhere).
+    """
     device = total.device
     if "spike_ring" not in clip_state:
         clip_state.update(spike_ring=torch.zeros(cfg.spike_window, dtype=_wide(device), device=device), spike_count=torch.zeros((), dtype=torch.int64, device=device))
     ring, count = clip_state["spike_ring"], clip_state["spike_count"]
-    if ring.shape[0] != cfg.spike_window:
-        raise ValueError(
-            f"ClippedOptimizer: the checkpoint's spike window holds {ring.shape[0]} norms, "
-            f"but this optimizer uses spike_window={cfg.spike_window}"
-        )
     min_count = min(cfg.spike_window, max(20, cfg.spike_window // 2))  # as OLMo-core
     spike, bound = spike_test(ring, count, total, cfg.spike_sigma, min_count)
-    spike = spike & finite
+    spike = spike & enter
     # A skipped norm enters the window as the bound it broke (winsorised): one spike cannot
     # inflate the window, and a lasting rise of the norm level is still learned, instead of
     # every later step being skipped.
     value = torch.where(spike, bound, total.to(ring.dtype))
-    slot = torch.nn.functional.one_hot(count % cfg.spike_window, cfg.spike_window).bool() & finite
-    clip_state.update(spike_ring=torch.where(slot, value, ring), spike_count=count + finite.long())
-    return spike, finite & ~spike
+    slot = torch.nn.functional.one_hot(count % cfg.spike_window, cfg.spike_window).bool() & enter
+    clip_state.update(spike_ring=torch.where(slot, value, ring), spike_count=count + enter.long())
+    return spike
 
 
-def add_spike_skip(cfg: ClipConfig, clip_state: dict[str, Any], result: ClipResult) -> ClipResult:
-    """Spike skipping for a mode whose norm is known only after it ran (the fixed modes, AGC)."""
-    skip, _ = _spike_gate(cfg, clip_state, result.total_norm)
-    return result if skip is None else result._replace(skip=skip)
+# ---------------------------------------------------------------------------------------
+# Checkpoints: the adaptive state is checked when it is loaded, not at the step that reads it
+# ---------------------------------------------------------------------------------------
+def check_adaptive_state(cfg: ClipConfig, clip_state: dict[str, Any]) -> None:
+    """Refuse, with the key and what was expected, adaptive state that ``cfg`` cannot continue
+    from (called by ``load_state_dict`` before anything is changed)."""
+    if cfg.mode == "autoclip" and "autoclip_ring" in clip_state:
+        _check_autoclip(cfg, clip_state)
+    if cfg.mode == "zclip" and "zclip_mean" in clip_state:
+        for key, ndim, kind, shape in (
+            ("zclip_warmup", 1, "float", (cfg.warmup_steps,)),
+            ("zclip_seen", 0, "int", None),
+            ("zclip_mean", 0, "float", None),
+            ("zclip_var", 0, "float", None),
+        ):
+            _check_key(clip_state, key, ndim, kind, shape, f"warmup_steps={cfg.warmup_steps}")
+    if cfg.skip_spikes and "spike_ring" in clip_state:
+        _check_key(clip_state, "spike_ring", 1, "float", (cfg.spike_window,), f"spike_window={cfg.spike_window}")
+        _check_key(clip_state, "spike_count", 0, "int", None, "")
+
+
+def _check_autoclip(cfg: ClipConfig, clip_state: dict[str, Any]) -> None:
+    # One global history or one per parameter: a checkpoint of the other kind would be read
+    # as the wrong rows, so it is refused.
+    kept = clip_state.get("autoclip_per_param", bool(cfg.per_param))
+    if kept != bool(cfg.per_param):
+        raise ValueError(
+            f"ClippedOptimizer: the checkpoint's AutoClip history was kept with per_param={kept}, "
+            f"but this optimizer uses per_param={cfg.per_param}"
+        )
+    hint = f"history_length={cfg.history_length}"
+    _check_key(clip_state, "autoclip_ring", 2, "float", (None, cfg.history_length), hint)
+    rows = clip_state["autoclip_ring"].shape[0]
+    _check_key(clip_state, "autoclip_sorted", 2, "float", (rows, cfg.history_length), hint)
+    _check_key(clip_state, "autoclip_count", 1, "int", (rows,), hint)
+
+
+def _check_key(clip_state: dict[str, Any], key: str, ndim: int, kind: str, shape, hint: str) -> None:
+    if key not in clip_state:
+        raise ValueError(f"ClippedOptimizer: the checkpoint's clip state lacks {key!r}")
+    try:
+        check_tensor(key, clip_state[key], ndim, kind, shape)
+    except ValueError as err:
+        raise ValueError(f"{err}{f' (this optimizer uses {hint})' if hint else ''}") from None

@@ -10,10 +10,26 @@ from typing import Any
 
 from .distributed import check_process_group
 
-__all__ = ["ClipConfig", "MODES", "NONFINITE_POLICIES", "ADAPTIVE_DEFAULTS"]
+__all__ = ["ClipConfig", "MODES", "NONFINITE_POLICIES", "ADAPTIVE_DEFAULTS", "DEFAULT_MAX_NORM"]
 
 MODES = ("norm", "value", "per_param", "agc", "autoclip", "zclip")
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
+#: The modes that read ``max_norm`` (ZClip as the cap on its bound).
+MAX_NORM_MODES = ("norm", "per_param", "zclip")
+
+
+class _DefaultMaxNorm(float):
+    """``max_norm``'s default, 1.0, told apart from a 1.0 the user passed: a mode that does not
+    read ``max_norm`` rejects an explicit one, as it rejects every other option it ignores."""
+
+    def __repr__(self) -> str:
+        return "1.0"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (float, (1.0,))
+
+
+DEFAULT_MAX_NORM: float = _DefaultMaxNorm(1.0)
 
 
 def _fail(arg: str, value: Any, allowed: str) -> ValueError:
@@ -49,7 +65,7 @@ class ClipConfig:
     """The validated clipping options of one :class:`ClippedOptimizer`."""
 
     mode: str = "norm"
-    max_norm: float | None = 1.0
+    max_norm: float | None = DEFAULT_MAX_NORM
     norm_type: float = 2.0
     clip_value: float | None = None
     nonfinite: str = "skip"
@@ -78,6 +94,9 @@ class ClipConfig:
         set_ = object.__setattr__  # frozen: normalise through the back door, once
         _choice("mode", self.mode, MODES)
         _choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        if self.mode not in MAX_NORM_MODES and self.max_norm is not DEFAULT_MAX_NORM:
+            readers = ", ".join(map(repr, MAX_NORM_MODES))
+            raise _fail("max_norm", self.max_norm, f"max_norm is only used with mode in ({readers}), not mode={self.mode!r}")
         if self.max_norm is None and self.mode != "zclip":
             raise _fail("max_norm", None, "expected a positive finite number (None, no cap, only with mode='zclip')")
         if self.max_norm is not None:

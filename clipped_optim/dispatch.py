@@ -1,6 +1,6 @@
 """The table from ``mode=`` to the pure function that clips: the wrapper's only link to the modes.
 
-Every entry has the signature ``(config, batch, grad_scale, apply, device, clip_state) ->
+Every entry has the signature ``(config, batch, grad_scale, apply, device, clip_state, gate) ->
 ClipResult``. A stateful (adaptive) mode reads its state from ``clip_state`` (the dict in
 ``optimizer.state["clip"]``) and writes the new state back there; a stateless one ignores it.
 """
@@ -15,24 +15,24 @@ from torch import Tensor
 
 from . import adaptive, modes
 from .config import ClipConfig
-from .modes import ClipResult
+from .modes import ClipResult, Gate
 from .norms import GradBatch
 
 __all__ = ["run_mode", "SCALAR_MODES", "is_scalar"]
 
-Runner = Callable[[ClipConfig, GradBatch, "Tensor | None", bool, torch.device, dict], ClipResult]
+Runner = Callable[..., ClipResult]
 
 
-def _norm(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state) -> ClipResult:
-    return modes.clip_grad_norm(batch, cfg.max_norm, cfg.norm_type, grad_scale=grad_scale, apply=apply, device=device)
+def _norm(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
+    return modes.clip_grad_norm(batch, cfg.max_norm, cfg.norm_type, grad_scale=grad_scale, apply=apply, device=device, gate=gate)
 
 
-def _per_param(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state) -> ClipResult:
-    return modes.clip_grad_norm_per_param(batch, cfg.max_norm, cfg.norm_type, grad_scale=grad_scale, device=device)
+def _per_param(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
+    return modes.clip_grad_norm_per_param(batch, cfg.max_norm, cfg.norm_type, grad_scale=grad_scale, device=device, gate=gate)
 
 
-def _value(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state) -> ClipResult:
-    return modes.clip_grad_value(batch, cfg.clip_value, cfg.norm_type, grad_scale=grad_scale, device=device)
+def _value(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
+    return modes.clip_grad_value(batch, cfg.clip_value, cfg.norm_type, grad_scale=grad_scale, device=device, gate=gate)
 
 
 _RUNNERS: dict[str, Runner] = {
@@ -48,9 +48,6 @@ _RUNNERS: dict[str, Runner] = {
 #: and be folded into a fused kernel's ``grad_scale`` (AutoClip only with one global history).
 SCALAR_MODES = frozenset({"norm", "autoclip", "zclip"})
 
-#: The adaptive modes run the spike detector themselves, before they update their history.
-_SPIKE_AWARE = frozenset({"agc", "autoclip", "zclip"})
-
 
 def is_scalar(cfg: ClipConfig) -> bool:
     """Whether ``cfg``'s mode clips with one scalar coefficient (see SCALAR_MODES)."""
@@ -64,8 +61,9 @@ def run_mode(
     apply: bool,
     device: torch.device,
     clip_state: dict[str, Any],
+    gate: Gate | None = None,
 ) -> ClipResult:
-    result = _RUNNERS[cfg.mode](cfg, batch, grad_scale, apply, device, clip_state)
-    if cfg.skip_spikes and cfg.mode not in _SPIKE_AWARE:
-        result = adaptive.add_spike_skip(cfg, clip_state, result)
-    return result
+    """Run ``cfg``'s mode. Its state is read from and written to ``clip_state``; ``gate`` (see
+    :data:`clipped_optim.modes.Gate`) is asked, once the mode has measured, whether the
+    gradients must be left as they are."""
+    return _RUNNERS[cfg.mode](cfg, batch, grad_scale, apply, device, clip_state, gate)

@@ -17,13 +17,16 @@ the block norm against 790 us for ``_foreach_norm`` over the 400 views, and
 How the buffer lives with autograd: after adoption ``p.grad`` *is* a view of the buffer, and
 ``backward()`` accumulates into an existing ``p.grad`` in place, so the next gradients land in
 the buffer with no copy. The wrapper's ``zero_grad()`` zeroes the buffer (one fill) and keeps
-the views, whatever ``set_to_none`` says. Anything that replaces ``p.grad`` by another tensor
+the views, whatever ``set_to_none`` says: a parameter that gets no gradient in a step then
+has a zero gradient, as after torch's ``zero_grad(set_to_none=False)`` (an optimizer with
+momentum or weight decay still moves it). Anything that replaces ``p.grad`` by another tensor
 (``model.zero_grad()`` with its default ``set_to_none=True``, ``p.grad = t``, a
-``backward(create_graph=True)``, a new parameter group) is detected at the next step, because
-the gathered gradients are compared by identity with the views: the current gradients are
-then copied into the buffer (re-adopted) before clipping. It is never silently wrong, only
-slower (one copy) on such a step. Sparse gradients are never flattened: a step that has one
-falls back to the per-tensor path.
+``backward(create_graph=True)``, a new parameter group) or gives the view other storage
+(``p.grad.data = t``, ``model.double()``, which keep the same Python object) is detected at
+the next step, because the gradients are compared with the views by identity *and* by their
+data pointer: the current gradients are then copied into the buffer (re-adopted) before
+clipping. It is never silently wrong, only slower (one copy) on such a step. Sparse gradients
+are never flattened: a step that has one falls back to the per-tensor path.
 """
 
 from __future__ import annotations
@@ -95,9 +98,16 @@ class FlatLayout:
         for (device, _), buf in self.buffers.items():
             buf.mul_(coef.to(device, non_blocking=True))
 
-    def clamp_(self, clip_value: float) -> None:
-        for (_, dtype), buf in self.buffers.items():
-            (torch.view_as_real(buf) if dtype.is_complex else buf).clamp_(-clip_value, clip_value)
+    def clamp_(self, clip_value: float | Tensor) -> None:
+        for (device, dtype), buf in self.buffers.items():
+            bound = clip_value.to(device, dtype.to_real()) if isinstance(clip_value, Tensor) else clip_value
+            (torch.view_as_real(buf) if dtype.is_complex else buf).clamp_(-bound, bound)
+
+
+@torch.compiler.disable  # dynamo cannot trace data_ptr(): a graph break, run eagerly
+def _pointers(views: list[Tensor]) -> list[int]:
+    """The data pointers of ``views``: a ``.data`` swap keeps the object and changes this."""
+    return [v.data_ptr() for v in views]
 
 
 def _inverse(order: list[int]) -> Tensor:
@@ -145,6 +155,7 @@ class FlatGrads:
         self._last: Gathered | None = None  # the last gather, while it still holds
         self._flags: list[bool] = []
         self._seen: list[Tensor | None] = []
+        self._ptrs: list[int] = []  # each view's data pointer when it was made
 
     def gather(self, gather_fn: Callable[[], Gathered], param_groups: list[dict[str, Any]], foreach: bool | None):
         """The wrapper's gather (``gather_fn``) and the step's batch, without the gather when
@@ -167,7 +178,12 @@ class FlatGrads:
         if [g.get("clip", True) for g in param_groups] != self._flags:
             return False
         now = [p.grad for g in param_groups for p in g["params"]]
-        return len(now) == len(self._seen) and all(map(operator.is_, now, self._seen))
+        return len(now) == len(self._seen) and all(map(operator.is_, now, self._seen)) and self._intact()
+
+    def _intact(self) -> bool:
+        """Whether every view still points into its buffer: ``p.grad.data = t`` (and
+        ``model.double()``) keeps the Python object but swaps its storage."""
+        return _pointers(self.views) == self._ptrs
 
     def batch(self, grads: list[Tensor], params: list[Tensor], foreach: bool | None) -> GradBatch:
         """The step's :class:`GradBatch`, flat when ``grads`` are (or can become) the views.
@@ -176,7 +192,14 @@ class FlatGrads:
         their parameters; the cheap case (every one is still its view) costs one identity
         comparison per parameter.
         """
-        if self.batch_ is not None and len(grads) == len(self.views) and all(map(operator.is_, grads, self.views)):
+        if not grads:  # nothing to clip this step: nothing to flatten
+            return GradBatch([], foreach)
+        if (
+            self.batch_ is not None
+            and len(grads) == len(self.views)
+            and all(map(operator.is_, grads, self.views))
+            and self._intact()
+        ):
             return self.batch_
         # A sparse gradient is gathered as its values, which are not ``p.grad``.
         if not all(p.grad is g for p, g in zip(params, grads)):
@@ -186,12 +209,17 @@ class FlatGrads:
         return self.batch_
 
     def _adopt(self, params: list[Tensor], grads: list[Tensor], foreach: bool | None) -> None:
-        same = len(params) == len(self.params) and all(
-            p is q and g.shape == v.shape and g.dtype == v.dtype and g.device == v.device
-            for p, q, g, v in zip(params, self.params, grads, self.views)
+        same = (
+            len(params) == len(self.params)
+            and self._intact()
+            and all(
+                p is q and g.shape == v.shape and g.dtype == v.dtype and g.device == v.device
+                for p, q, g, v in zip(params, self.params, grads, self.views)
+            )
         )
         if not same:
             layout, self.views = _layout(grads)
+            self._ptrs = _pointers(self.views)
             self.params = params
             self.batch_ = GradBatch(self.views, foreach)
             self.batch_.flat = layout
@@ -206,7 +234,7 @@ class FlatGrads:
         if self.batch_ is not None and self.batch_.flat is not None:
             for buf in self.batch_.flat.buffers.values():
                 buf.zero_()
-        mine = {id(v) for v in self.views}
+        mine = {id(v) for v, now, ptr in zip(self.views, _pointers(self.views), self._ptrs) if now == ptr}
         for group in param_groups:
             for p in group["params"]:
                 g = p.grad

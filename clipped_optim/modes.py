@@ -16,7 +16,8 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor
 from ._tensors import scalar_like
 from .norms import GradBatch, as_batch, clamp_, scale_, scale_each_, tensor_norms, total_norm
 
-__all__ = ["ClipResult", "clip_grad_norm", "clip_grad_value", "clip_grad_norm_per_param", "EPS"]
+__all__ = ["ClipResult", "Gate", "clip_grad_norm", "clip_grad_value", "clip_grad_norm_per_param", "held", "EPS"]
 
 #: Added to the norm before dividing, as ``torch.nn.utils.clip_grads_with_norm_`` does:
 #: it keeps an all-zero gradient from producing 0/0, and makes parity with torch exact.
@@ -52,6 +53,31 @@ class ClipResult(NamedTuple):
     skip: Tensor | None = None
 
 
+#: Called by a mode once it has measured, before it changes any gradient: from the step's
+#: pre-clip total norm, ``(hold, accept)``. ``hold`` (0-dim bool, or ``None``) is True when the
+#: step will not proceed, and the mode then leaves the gradients as they are (it multiplies by
+#: 1, which is exact); ``accept`` says whether the norm may enter an adaptive history. The
+#: wrapper's gate (clipped_optim.decision) folds in the non-finite policy, GradScaler's
+#: overflow flag and the spike detector, all on the device.
+Gate = Callable[[Tensor], "tuple[Tensor | None, Tensor]"]
+
+
+def open_gate(gate: Gate | None, total: Tensor) -> tuple[Tensor | None, Tensor]:
+    """``gate(total)``, or no hold and "accept every finite norm" without a gate."""
+    return (None, torch.isfinite(total)) if gate is None else gate(total)
+
+
+def held(coef: Tensor, hold: Tensor | None) -> Tensor:
+    """``coef``, or 1 where ``hold``: the coefficient of a step that will not proceed, which
+    leaves the gradients bit-identical (a ``where`` on the device, not a host branch)."""
+    return coef if hold is None else torch.where(hold, torch.ones_like(coef), coef)
+
+
+def unscaled(factor: Tensor, grad_scale: Tensor | None, device: torch.device) -> Tensor:
+    """The multiplier that clips by ``factor`` and removes GradScaler's scale in the same pass."""
+    return factor if grad_scale is None else factor / grad_scale.to(device)
+
+
 def _measure(batch: GradBatch, norm_type: float, grad_scale: Tensor | None, device: torch.device):
     total, stacked = total_norm(tensor_norms(batch, norm_type), norm_type, device, batch.sharding)
     if grad_scale is not None:
@@ -73,41 +99,45 @@ def global_norm_coef(total: Tensor, max_norm: float | Tensor) -> Tensor:
 
 
 def clip_grad_norm(
-    grads: Sequence[Tensor] | GradBatch,
+    grads: Tensor | Sequence[Tensor] | GradBatch,
     max_norm: float | Tensor,
-    norm_type: float = 2.0,
+    norm_type: float | str = 2.0,
     *,
     foreach: bool | None = None,
     grad_scale: Tensor | None = None,
     apply: bool = True,
     device: torch.device | None = None,
+    gate: Gate | None = None,
 ) -> ClipResult:
     """Scale the gradients so that their global ``norm_type``-norm is at most ``max_norm``.
 
     Equal to ``torch.nn.utils.clip_grad_norm_``: the direction is kept and only the length
     shrinks. With ``apply=False`` the gradients are left alone and the caller applies
-    ``clip_coef`` (e.g. folded into a fused optimizer's ``grad_scale``).
+    ``clip_coef`` (e.g. folded into a fused optimizer's ``grad_scale``). ``grads`` may be one
+    tensor (one gradient) and ``norm_type`` the string ``"inf"``, as in torch.
 
     References:
         Pascanu et al., "On the difficulty of training recurrent neural networks", ICML 2013.
     """
     batch = as_batch(grads, foreach)
     dev = _device(batch, device)
-    total, stacked = _measure(batch, norm_type, grad_scale, dev)
+    total, stacked = _measure(batch, float(norm_type), grad_scale, dev)
+    hold, _ = open_gate(gate, total)
     coef = global_norm_coef(total, max_norm)
     if apply:
-        scale_(batch, coef if grad_scale is None else coef / grad_scale.to(dev))
+        scale_(batch, unscaled(held(coef, hold), grad_scale, dev))
     return ClipResult(total, coef, stacked, scalar_like(max_norm, total))
 
 
 def clip_grad_norm_per_param(
-    grads: Sequence[Tensor] | GradBatch,
+    grads: Tensor | Sequence[Tensor] | GradBatch,
     max_norm: float | Tensor,
-    norm_type: float = 2.0,
+    norm_type: float | str = 2.0,
     *,
     foreach: bool | None = None,
     grad_scale: Tensor | None = None,
     device: torch.device | None = None,
+    gate: Gate | None = None,
 ) -> ClipResult:
     """Clip each gradient tensor to norm ``max_norm`` on its own.
 
@@ -116,22 +146,23 @@ def clip_grad_norm_per_param(
     """
     batch = as_batch(grads, foreach)
     dev = _device(batch, device)
-    total, stacked = _measure(batch, norm_type, grad_scale, dev)
+    total, stacked = _measure(batch, float(norm_type), grad_scale, dev)
+    hold, _ = open_gate(gate, total)
     coefs = torch.clamp(max_norm / (stacked + EPS), max=1.0)
-    factors = coefs if grad_scale is None else coefs / grad_scale.to(dev)
-    scale_each_(batch, factors.unbind())
+    scale_each_(batch, unscaled(held(coefs, hold), grad_scale, dev).unbind())
     smallest = coefs.min() if len(batch) else torch.ones((), dtype=total.dtype, device=dev)
     return ClipResult(total, smallest, stacked, scalar_like(max_norm, total))
 
 
 def clip_grad_value(
-    grads: Sequence[Tensor] | GradBatch,
+    grads: Tensor | Sequence[Tensor] | GradBatch,
     clip_value: float,
-    norm_type: float = 2.0,
+    norm_type: float | str = 2.0,
     *,
     foreach: bool | None = None,
     grad_scale: Tensor | None = None,
     device: torch.device | None = None,
+    gate: Gate | None = None,
 ) -> ClipResult:
     """Clamp every gradient element into ``[-clip_value, clip_value]`` (``clip_grad_value_``).
 
@@ -140,10 +171,19 @@ def clip_grad_value(
     """
     batch = as_batch(grads, foreach)
     dev = _device(batch, device)
+    norm_type = float(norm_type)
     total, stacked = _measure(batch, norm_type, grad_scale, dev)
+    hold, _ = open_gate(gate, total)
     if grad_scale is not None:
         scale_(batch, grad_scale.to(dev).reciprocal())
-    clamp_(batch, clip_value)
+    clamp_(batch, clip_value if hold is None else _held_bound(clip_value, hold))
     after, _ = total_norm(tensor_norms(batch, norm_type), norm_type, dev, batch.sharding)
     coef = torch.where(total > 0, after / total.clamp(min=torch.finfo(total.dtype).tiny), 1.0)
     return ClipResult(total, coef, stacked, scalar_like(clip_value, total))
+
+
+def _held_bound(clip_value: float, hold: Tensor) -> Tensor:
+    """The clamp bound on the device: ``inf`` for a held step, which leaves every element (inf
+    and NaN too) as it is. float64, so that each gradient dtype rounds ``clip_value`` as it
+    rounds the Python number in ``clip_grad_value_``."""
+    return torch.where(hold, math.inf, torch.full((), clip_value, dtype=torch.float64, device=hold.device))

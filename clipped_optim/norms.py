@@ -81,8 +81,12 @@ class GradBatch:
         return len(self.tensors)
 
 
-def as_batch(grads: Sequence[Tensor] | GradBatch, foreach: bool | None = None) -> GradBatch:
-    return grads if isinstance(grads, GradBatch) else GradBatch(grads, foreach)
+def as_batch(grads: Tensor | Sequence[Tensor] | GradBatch, foreach: bool | None = None) -> GradBatch:
+    """``grads`` as a :class:`GradBatch`; a single tensor is one gradient (as in torch's
+    ``clip_grad_norm_``), not a sequence of rows."""
+    if isinstance(grads, GradBatch):
+        return grads
+    return GradBatch([grads] if isinstance(grads, Tensor) else grads, foreach)
 
 
 def tensor_norms(batch: GradBatch, norm_type: float) -> list[Tensor]:
@@ -164,20 +168,24 @@ def scale_each_(batch: GradBatch, coefs: Sequence[Tensor]) -> None:
                 g.mul_(c)
 
 
-def clamp_(batch: GradBatch, clip_value: float) -> None:
+def clamp_(batch: GradBatch, clip_value: float | Tensor) -> None:
     """Clamp every element into ``[-clip_value, clip_value]`` (as ``clip_grad_value_``).
 
-    Complex tensors are clamped on their real and imaginary parts, which ``torch.clamp``
-    cannot do on a complex tensor directly.
+    ``clip_value`` may be a 0-dim tensor (``inf`` leaves the gradients as they are: the bound
+    of a step that will not proceed, decided on the device). Complex tensors are clamped on
+    their real and imaginary parts, which ``torch.clamp`` cannot do on a complex tensor directly.
     """
     if batch.flat is not None:
         return batch.flat.clamp_(clip_value)
     for (device, dtype), (group, _) in batch.groups.items():
         if dtype.is_complex:
             group = [torch.view_as_real(g) for g in group]
+        bound = clip_value.to(device, dtype.to_real(), non_blocking=True) if isinstance(clip_value, Tensor) else clip_value
         if batch.use_foreach(device):
-            torch._foreach_clamp_min_(group, -clip_value)
-            torch._foreach_clamp_max_(group, clip_value)
+            # the foreach clamps take a Python number, or one tensor per input
+            lo, hi = ([-bound] * len(group), [bound] * len(group)) if isinstance(bound, Tensor) else (-bound, bound)
+            torch._foreach_clamp_min_(group, lo)
+            torch._foreach_clamp_max_(group, hi)
         else:
             for g in group:
-                g.clamp_(-clip_value, clip_value)
+                g.clamp_(-bound, bound)

@@ -7,18 +7,19 @@ and the statistics in :mod:`clipped_optim.stats`.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import amp, distributed, modes, stats
-from .amp_scaler import report_found_inf
+from . import adaptive, amp, distributed, modes, stats
+from .config import DEFAULT_MAX_NORM, ClipConfig
+from .decision import StepGate
 from .dispatch import is_scalar, run_mode
-from .config import ClipConfig
 from .flat import FlatGrads
 from ._tensors import index_tensor
 from .norms import GradBatch, scale_, tensor_norms, total_norm
@@ -33,6 +34,47 @@ _HOOK_DICTS = (
     "_optimizer_load_state_dict_pre_hooks",
     "_optimizer_load_state_dict_post_hooks",
 )
+
+
+class _Pending(NamedTuple):
+    """One step measured, decided and clipped (or held), with its clip state not yet committed."""
+
+    result: modes.ClipResult
+    folded: bool
+    gate: StepGate
+    state: dict[str, Any]
+
+
+class _NonFiniteEvaluation(Exception):
+    """A closure's re-evaluation inside the inner step gave NaN/Inf gradients."""
+
+
+class _Snapshot:
+    """The parameters and the inner optimizer's state, to restore if a closure step fails."""
+
+    def __init__(self, inner: Optimizer) -> None:
+        self.inner = inner
+        self.params = [p for g in inner.param_groups for p in g["params"]]
+        self.values = [p.detach().clone() for p in self.params]
+        self.state = {k: copy.deepcopy(v) for k, v in inner.state.items() if k != stats.STATE_KEY}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, self.values):
+                p.copy_(v)
+        state = self.inner.state
+        clip = state.get(stats.STATE_KEY)
+        state.clear()
+        state.update(self.state)
+        if clip is not None:
+            state[stats.STATE_KEY] = clip
+
+
+def _finite_norm(grad: Tensor, norm_type: float) -> bool:
+    """Whether ``grad``'s norm is finite, measured as the step measures it (one host read)."""
+    values = grad.coalesce()._values() if grad.is_sparse else grad
+    acc = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else None
+    return bool(torch.isfinite(torch.linalg.vector_norm(values, norm_type, dtype=acc)))
 
 
 class ClippedOptimizer(Optimizer):
@@ -100,7 +142,7 @@ class ClippedOptimizer(Optimizer):
         optimizer: Optimizer,
         *,
         mode: str = "norm",
-        max_norm: float | None = 1.0,
+        max_norm: float | None = DEFAULT_MAX_NORM,
         norm_type: float = 2.0,
         clip_value: float | None = None,
         nonfinite: str = "skip",
@@ -208,10 +250,15 @@ class ClippedOptimizer(Optimizer):
 
     # -- the step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Clip the gradients, record the statistics, then step the inner optimizer.
+        """Clip the gradients, then step the inner optimizer; record the step once it is done.
 
-        With a closure, the closure is evaluated and clipped first; an inner optimizer that
-        evaluates it again (LBFGS) gets every later evaluation clipped too.
+        The step is atomic: it proceeds entirely, or it is skipped (non-finite gradients, a
+        GradScaler overflow, a spike) with the parameters, the inner state, the adaptive state
+        and ``p.grad`` left as they were and only the skip recorded, or it raises (the policy
+        ``"raise"``, the inner step, the closure) with nothing recorded. A closure is
+        evaluated and clipped first; an inner optimizer that evaluates it again (LBFGS) gets
+        every later evaluation clipped to the same rule, and one that comes out NaN/Inf undoes
+        the step (the parameters and the inner state are restored from a copy taken before it).
         """
         loss = None
         if closure is not None:
@@ -219,35 +266,79 @@ class ClippedOptimizer(Optimizer):
                 loss = closure()
         grad_scale, found_inf = amp.scaler_args(self)
         fused = amp.folds_into_kernel(self.optimizer)
-        result, folded, finite, skip, found_inf = self._clip_and_record(grad_scale, found_inf, fused and self._can_fold())
+        pending = self._prepare(grad_scale, found_inf, fused and self._can_fold())
         must_raise = self.config.nonfinite == "raise" and found_inf is None
-        inner_closure = None if closure is None else self._replay(loss, closure)
-        if fused:
-            if must_raise:
-                self._sync_decision(skip, finite, result, must_raise)
-            # The kernel unscales, clips and skips by itself: no host sync.
-            divisor = (1.0 if grad_scale is None else grad_scale) / result.clip_coef if folded else None
-            with amp.fused_kernel_args(self.optimizer, divisor, skip):
-                out = self.optimizer.step(inner_closure)
-        elif self._needs_host_decision(found_inf, result) and self._sync_decision(skip, finite, result, must_raise):
+        if self._skipped_on_host(pending, found_inf, fused, must_raise):
+            self._commit(pending)
             return loss
-        else:
-            out = self.optimizer.step(inner_closure)
+        try:
+            if fused:  # the kernel unscales, clips and skips by itself: no host sync
+                coef = pending.result.clip_coef
+                divisor = (1.0 if grad_scale is None else grad_scale) / coef if pending.folded else None
+                with amp.fused_kernel_args(self.optimizer, divisor, pending.gate.skip):
+                    out = self._inner_step(closure, loss)
+            else:
+                out = self._inner_step(closure, loss)
+        except _NonFiniteEvaluation:
+            if must_raise:
+                self._raise_nonfinite()
+            pending.gate.mark_nonfinite()
+            out = loss
+        self._commit(pending)
         return loss if closure is not None else out
 
+    def _prepare(self, grad_scale: Tensor | None, found_inf: Tensor | None, fold: bool) -> _Pending:
+        """Gather, measure, decide and clip (or hold) the gradients, with no host sync; the clip
+        state's updates are kept aside until :meth:`_commit`."""
+        with torch.no_grad():
+            state = dict(self._clip_state())
+            gate = StepGate(self.config, state, found_inf, reporter=self)
+            result, folded = self._clip(grad_scale, fold, state, gate)
+            gate.settle(result.total_norm)
+        return _Pending(result, folded, gate, state)
+
+    def _commit(self, pending: _Pending) -> None:
+        """Make the step's clip state the optimizer's and record the step: only once the step
+        is done (proceeded or skipped), so one that raised is not recorded."""
+        state = self._clip_state()
+        state.update(pending.state)  # the adaptive updates, already gated by the decision
+        stats.record(state, pending.result, pending.gate.finite, pending.gate.skip > 0)
+
     def _clip_and_record(self, grad_scale: Tensor | None, found_inf: Tensor | None, fold: bool):
-        """Everything a step does before the inner step, with no host sync (it compiles with
-        ``fullgraph=True``): gather, measure, clip, decide whether to skip, record.
+        """Everything a step does besides the inner step, with no host sync (it compiles with
+        ``fullgraph=True``): gather, measure, decide, clip, record.
 
         Returns ``(result, folded, finite, skip, found_inf)``.
         """
-        with torch.no_grad():
-            result, folded = self._clip(grad_scale, fold)
-        found_inf = report_found_inf(self, result.total_norm, found_inf)  # under ClipGradScaler
-        finite = torch.isfinite(result.total_norm)
-        skip = self._skip_flag(result, finite, found_inf)
-        stats.record(self._clip_state(), result, finite, skip.bool())
-        return result, folded, finite, skip, found_inf
+        pending = self._prepare(grad_scale, found_inf, fold)
+        self._commit(pending)
+        return pending.result, pending.folded, pending.gate.finite, pending.gate.skip, found_inf
+
+    def _skipped_on_host(self, pending: _Pending, found_inf: Tensor | None, fused: bool, must_raise: bool) -> bool:
+        """Whether the step is skipped, read on the host: the step's one device-to-host sync.
+
+        None is needed with a fused kernel, which skips through ``found_inf`` by itself, unless
+        the inner step would create state (a kernel told to skip still creates it, and fused
+        SGD's momentum buffer is then uninitialised memory), nor under ``"propagate"`` with
+        nothing else to skip for. Under ``"raise"`` the same read also raises.
+        """
+        if must_raise:
+            skip, bad = torch.stack([pending.gate.skip > 0, ~pending.gate.finite]).tolist()
+            if bad:
+                self._raise_nonfinite()
+            return skip
+        if fused:
+            return self._creates_state() and bool(pending.gate.skip)
+        needs_host = self.config.nonfinite != "propagate" or found_inf is not None or self.config.skip_spikes
+        return needs_host and bool(pending.gate.skip)
+
+    def _creates_state(self) -> bool:
+        """Whether a parameter with a gradient has no inner state yet (first step, new group)."""
+        state = self.optimizer.state
+        groups = self.param_groups
+        if len(state) > sum(len(g["params"]) for g in groups):  # every parameter has an entry
+            return False
+        return any(p.grad is not None and not state.get(p) for g in groups for p in g["params"])
 
     def _can_fold(self) -> bool:
         return is_scalar(self.config) and self._all_groups_clipped()
@@ -255,42 +346,36 @@ class ClippedOptimizer(Optimizer):
     def _all_groups_clipped(self) -> bool:
         return all(g.get("clip", True) for g in self.param_groups)
 
-    def _skip_flag(self, result: modes.ClipResult, finite: Tensor, found_inf: Tensor | None) -> Tensor:
-        """1.0 if the update must be skipped (float32: the fused kernels' ``found_inf``)."""
-        propagate = self.config.nonfinite == "propagate"
-        skip = amp.skip_flag(found_inf, torch.ones_like(finite) if propagate else finite)
-        if result.skip is not None:  # the mode asks to skip (e.g. a detected spike)
-            skip = torch.maximum(skip, result.skip.to(skip.device, skip.dtype))
-        return skip
-
-    def _needs_host_decision(self, found_inf: Tensor | None, result: modes.ClipResult) -> bool:
-        return self.config.nonfinite != "propagate" or found_inf is not None or result.skip is not None
-
-    def _sync_decision(self, skip: Tensor, finite: Tensor, result: modes.ClipResult, must_raise: bool) -> bool:
-        """The one device-to-host sync of a step: whether to skip, raising if ``must_raise``
-        (policy "raise" and no GradScaler: under GradScaler an overflow is routine, the scale
-        is calibrating, so it is skipped, not raised)."""
-        if not must_raise:
-            return bool(skip)
-        skip_now, bad = torch.stack([skip > 0, ~finite]).tolist()
-        if bad:
-            self._raise_nonfinite(result)
-        return skip_now
-
-    def _raise_nonfinite(self, result: modes.ClipResult) -> None:
-        norms = result.param_norms
-        bad = [i for i, ok in enumerate(torch.isfinite(norms).tolist()) if not ok]
-        step = int(self._clip_state()["steps"])
+    def _raise_nonfinite(self) -> None:
+        """Raise for the policy "raise", naming every parameter whose gradient norm is NaN/Inf
+        (opted-out groups included). The gradients were held: they are as backward left them."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        bad = [i for i, p in enumerate(params) if p.grad is not None and not _finite_norm(p.grad, self.config.norm_type)]
+        step = int(self._clip_state()["steps"]) + 1
+        where = f"by index in optimizer order: {bad}" if bad else "none alone: the global norm overflowed"
         raise FloatingPointError(
-            f"ClippedOptimizer: non-finite gradients at step {step} (global {self.config.norm_type}-norm = "
-            f"{float(result.total_norm)}); parameters and optimizer state were not updated. "
-            f"Parameters with NaN/Inf gradients, by index in optimizer order: {bad}. "
+            f"ClippedOptimizer: non-finite gradients at step {step}; parameters, gradients and "
+            f"optimizer state were not updated. Parameters with a NaN/Inf gradient norm, {where}. "
             "Use nonfinite='skip' to skip such steps instead."
         )
 
+    def _inner_step(self, closure: Callable[[], Any] | None, loss: Any) -> Any:
+        if closure is None:
+            return self.optimizer.step()
+        # Undo what the inner step did if a re-evaluation is non-finite or anything raises
+        # (a copy of the parameters and the inner state: paid by closure steps only).
+        snapshot = None if self.config.nonfinite == "propagate" else _Snapshot(self.optimizer)
+        try:
+            return self.optimizer.step(self._replay(loss, closure))
+        except BaseException:
+            if snapshot is not None:
+                snapshot.restore()
+            raise
+
     def _replay(self, loss: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
-        """The closure for the inner step: the first call returns the loss already computed,
-        later calls (LBFGS line search) re-evaluate and clip again."""
+        """The closure for the inner step: the first call returns the loss already computed;
+        later calls (LBFGS line search) re-evaluate and clip again, by the rule of the step's
+        start (the adaptive state advances once per ``step()``, not per evaluation)."""
         first = [True]
 
         def replay() -> Any:
@@ -300,13 +385,20 @@ class ClippedOptimizer(Optimizer):
             with torch.enable_grad():
                 again = closure()
             with torch.no_grad():
-                self._clip(None, fold=False)
+                scratch = dict(self._clip_state())
+                gate = StepGate(self.config, scratch, spikes=False)
+                result, _ = self._clip(None, False, scratch, gate)
+                gate.settle(result.total_norm)
+            if self.config.nonfinite != "propagate" and bool(gate.skip):
+                raise _NonFiniteEvaluation
             return again
 
         return replay
 
     # -- gathering the gradients and calling the mode
-    def _clip(self, grad_scale: Tensor | None, fold: bool) -> tuple[modes.ClipResult, bool]:
+    def _clip(
+        self, grad_scale: Tensor | None, fold: bool, clip_state: dict[str, Any], gate: StepGate
+    ) -> tuple[modes.ClipResult, bool]:
         """Measure and clip; with ``fold`` the coefficient is left for the fused kernel to apply.
         Returns the result and whether it was folded."""
         if self._flat is None:
@@ -317,31 +409,32 @@ class ClippedOptimizer(Optimizer):
             gathered, batch = self._flat.gather(self._gather_grads, self.param_groups, self.config.foreach)
             clipped, unclipped, positions, n_params, params = gathered
         batch.set_owners(params, positions, n_params)  # for AGC and per-parameter AutoClip
-        clip_state = self._clip_state()
-        # A fused kernel takes grad_scale in float32 only: folding 1/coef would round a
-        # float64 gradient's clip to float32 precision, so float64 gradients are scaled here.
-        fold = fold and all(dtype != torch.float64 for _, dtype in batch.groups)
-        result = run_mode(self.config, batch, grad_scale, not fold, clip_state["steps"].device, clip_state)
         # Sharded: every rank must join the opt-outs' all-reduce, so decide by the groups, not
         # by which gradients this rank happens to have.
         if unclipped or (self._reduction is not None and not self._all_groups_clipped()):
             local, sharding = distributed.local_grads(unclipped, self._reduction)
-            result = self._check_unclipped(result, GradBatch(local, self.config.foreach, sharding), grad_scale)
+            gate.poison = self._unclipped_poison(GradBatch(local, self.config.foreach, sharding), grad_scale, clip_state)
+        # A fused kernel takes grad_scale in float32 only: folding 1/coef would round a
+        # float64 gradient's clip to float32 precision, so float64 gradients are scaled here.
+        fold = fold and all(dtype != torch.float64 for _, dtype in batch.groups)
+        result = run_mode(self.config, batch, grad_scale, not fold, clip_state["steps"].device, clip_state, gate)
+        if gate.poison is not None:
+            result = result._replace(total_norm=result.total_norm + gate.poison)
         if len(positions) != n_params:
             full = result.param_norms.new_zeros(n_params)
             index = index_tensor(positions, full.device)
             result = result._replace(param_norms=full.index_copy_(0, index, result.param_norms))
         return result, fold
 
-    def _check_unclipped(self, result: modes.ClipResult, batch: GradBatch, grad_scale: Tensor | None):
+    def _unclipped_poison(self, batch: GradBatch, grad_scale: Tensor | None, clip_state: dict[str, Any]) -> Tensor:
         """Opted-out groups are not clipped, but they are unscaled, and NaN/Inf in them still
-        counts: their norms' sum is folded into ``total_norm`` only through its finiteness."""
+        counts: 0, or NaN when one of their gradients is not finite (measured before the mode
+        runs, so that the gate holds the clipped gradients too)."""
         if grad_scale is not None:
             scale_(batch, grad_scale.reciprocal())
         norms = tensor_norms(batch, self.config.norm_type)
         # total_norm reduces over the ranks when sharded: a NaN on one rank poisons all of them.
-        poison = total_norm(norms, self.config.norm_type, result.total_norm.device, batch.sharding)[0] * 0
-        return result._replace(total_norm=result.total_norm + poison)
+        return total_norm(norms, self.config.norm_type, clip_state["steps"].device, batch.sharding)[0] * 0
 
     def _gather_grads(self) -> tuple[list[Tensor], list[Tensor], list[int], int, list[Tensor]]:
         """The gradients to clip, their positions in optimizer order, the others, the number
@@ -384,21 +477,34 @@ class ClippedOptimizer(Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.optimizer.state_dict()
+        inner_state = state_dict.get("state")
+        if isinstance(inner_state, dict) and stats.STATE_KEY in inner_state:
+            # a dict of its own, so the next steps' new statistics do not appear in it
+            inner_state[stats.STATE_KEY] = dict(inner_state[stats.STATE_KEY])
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             state_dict = post_hook(self, state_dict) or state_dict
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Load a state dict of this wrapper, or a plain one of the inner optimizer."""
+        """Load a state dict of this wrapper, or a plain one of the inner optimizer.
+
+        All or nothing: the clip state is checked (mode, every key's type, dtype and shape,
+        the history and adaptive sizes) and copied before anything is changed, so a refused
+        checkpoint leaves the optimizer as it was, and later steps never edit the caller's dict.
+        """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
-        self.optimizer.load_state_dict(state_dict)
-        state = self.optimizer.state
-        state[stats.STATE_KEY] = stats.restore_clip_state(
-            state.get(stats.STATE_KEY), self.config.mode, self._device(), self.config.history_size
-        )
+        clip = self._restored_clip_state(_find_clip_state(state_dict))
+        self.optimizer.load_state_dict(state_dict)  # torch checks the groups before it assigns
+        self.optimizer.state[stats.STATE_KEY] = clip
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _restored_clip_state(self, loaded: Any) -> dict[str, Any]:
+        cfg = self.config
+        state = stats.restore_clip_state(loaded, cfg.mode, self._device(), cfg.history_size)
+        adaptive.check_adaptive_state(cfg, state)
+        return state
 
     def named_grad_norms(self, named_parameters: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
         """The last step's pre-clip gradient norm of each parameter, by name.
@@ -410,7 +516,8 @@ class ClippedOptimizer(Optimizer):
         norms = self._clip_state()["param_norms"]
         if norms.numel() == 0:
             return {}
-        return {name: norms[index[id(p)]] for name, p in named_parameters if id(p) in index}
+        # a parameter added (add_param_group) after the last step has no recorded norm yet
+        return {name: norms[index[id(p)]] for name, p in named_parameters if index.get(id(p), len(norms)) < len(norms)}
 
     # -- reading the statistics (one host sync each; see clipped_optim.diagnostics)
     def stats(self, named_parameters: Any = None, prefix: str = "clip/") -> dict[str, float]:
@@ -460,3 +567,13 @@ class ClippedOptimizer(Optimizer):
         opts += f"norm_type={cfg.norm_type}, nonfinite={cfg.nonfinite!r}"
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return f"ClippedOptimizer({opts},\n{inner}\n)"
+
+
+def _find_clip_state(state_dict: dict[str, Any]) -> Any:
+    """The clip state inside an optimizer state dict: under ``"state"`` (torch's layout), or
+    under another top-level dict (torch_optimizer's Lookahead keeps its own as ``"slow_state"``)."""
+    candidates = [state_dict.get("state")] + [v for k, v in state_dict.items() if k != "state"]
+    for value in candidates:
+        if isinstance(value, dict) and stats.STATE_KEY in value:
+            return value[stats.STATE_KEY]
+    return None

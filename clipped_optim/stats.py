@@ -15,7 +15,7 @@ Keys:
         optimizer's parameter order (the order of ``state_dict()["param_groups"]``); 0 where
         a parameter had no gradient. See :meth:`ClippedOptimizer.named_grad_norms`.
     steps: calls of ``step()``.
-    clipped_steps: steps whose gradients were scaled down (``clip_coef < 1``).
+    clipped_steps: steps whose gradients were scaled down (``clip_coef < 1``, not skipped).
     skipped_steps: steps whose update was skipped (non-finite gradients, or a GradScaler
         overflow), leaving parameters and optimizer state untouched.
     nonfinite_steps: steps whose gradients held NaN/Inf, whatever the policy did with them.
@@ -27,12 +27,13 @@ Keys:
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["STATE_KEY", "COUNTERS", "HISTORY_COLUMNS", "new_clip_state", "restore_clip_state", "record"]
+__all__ = ["STATE_KEY", "COUNTERS", "HISTORY_COLUMNS", "new_clip_state", "restore_clip_state", "check_tensor", "record"]
 
 STATE_KEY = "clip"
 COUNTERS = ("steps", "clipped_steps", "skipped_steps", "nonfinite_steps")
@@ -53,24 +54,58 @@ def new_clip_state(mode: str, device: torch.device, history_size: int = 0) -> di
     return state
 
 
+def check_tensor(key: str, value: Any, ndim: int, kind: str, shape: tuple[int | None, ...] | None = None) -> None:
+    """Refuse a checkpoint's ``key`` unless it is a tensor of ``ndim`` dimensions, of a
+    ``kind`` ("float" or "int") dtype, and of ``shape`` (``None`` entries: any size)."""
+    ok = isinstance(value, Tensor) and value.ndim == ndim
+    if ok:
+        ok = value.is_floating_point() if kind == "float" else value.dtype in _INTEGERS
+    if ok and shape is not None:
+        ok = all(want is None or want == got for want, got in zip(shape, value.shape))
+    if not ok:
+        got = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        want = f"a {ndim}-dim {kind} tensor" + ("" if shape is None else f" of shape {tuple('*' if d is None else d for d in shape)}")
+        raise ValueError(f"ClippedOptimizer: the checkpoint's clip state has an invalid {key!r}: expected {want}, got {got}")
+
+
+_INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+#: the statistics' own keys: (ndim, kind, shape)
+_KEYS: dict[str, tuple[int, str, tuple[int | None, ...] | None]] = {
+    "grad_norm": (0, "float", None),
+    "clip_coef": (0, "float", None),
+    "threshold": (0, "float", None),
+    "param_norms": (1, "float", None),
+    **{name: (0, "int", None) for name in COUNTERS},
+    "history": (2, "float", (None, len(HISTORY_COLUMNS))),
+    "history_start": (0, "int", None),
+}
+
+
 def restore_clip_state(
     loaded: dict[str, Any] | None, mode: str, device: torch.device, history_size: int = 0
 ) -> dict[str, Any]:
-    """A clip state from a checkpoint, as the step expects it.
+    """A clip state from a checkpoint, as the step expects it, or a clear error.
 
-    ``load_state_dict`` copies string-keyed state shallowly: the tensors are cloned here so
-    that the in-place counter updates of later steps do not edit the caller's checkpoint.
+    Every key the statistics use is checked before anything is built, and the tensors are
+    copied (``load_state_dict`` copies string-keyed state shallowly: without the copy, the
+    in-place counter updates of later steps would edit the caller's checkpoint). Keys of the
+    adaptive modes are checked by :func:`clipped_optim.adaptive.check_adaptive_state`.
     """
     state = new_clip_state(mode, device, history_size)
     if loaded is None:
         return state
+    if not isinstance(loaded, dict):
+        raise ValueError(f"ClippedOptimizer: the checkpoint's clip state must be a dict, got {type(loaded).__name__}")
     if loaded.get("mode", mode) != mode:
         raise ValueError(
             f"ClippedOptimizer: the checkpoint's clip state was written with mode={loaded['mode']!r}, "
             f"but this optimizer uses mode={mode!r}; construct it with the checkpoint's mode"
         )
+    for key, (ndim, kind, shape) in _KEYS.items():
+        if key in loaded:
+            check_tensor(key, loaded[key], ndim, kind, shape)
     for key, value in loaded.items():
-        state[key] = value.detach().to(device, copy=True) if isinstance(value, Tensor) else value
+        state[key] = value.detach().to(device, copy=True) if isinstance(value, Tensor) else copy.deepcopy(value)
     if history_size == 0:
         state.pop("history", None)
         state.pop("history_start", None)
@@ -91,7 +126,7 @@ def record(state: dict[str, Any], result: Any, finite: Tensor, skipped: Tensor) 
     state["threshold"] = result.threshold.detach()
     state["param_norms"] = result.param_norms.detach()
     state["steps"].add_(1)
-    state["clipped_steps"].add_(((result.clip_coef < 1) & finite).to(device))
+    state["clipped_steps"].add_(((result.clip_coef < 1) & finite & ~skipped).to(device))
     state["skipped_steps"].add_(skipped.to(device))
     state["nonfinite_steps"].add_((~finite).to(device))
 

@@ -86,3 +86,20 @@ def assert_same_params(a: nn.Module, b: nn.Module, rtol: float = 0.0, atol: floa
 
 
 INF = math.inf
+
+
+def assert_same_state_dict(a, b, path: str = "") -> None:
+    """Two optimizer state dicts hold the same keys and bit-identical values (NaN equal to NaN)."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        for k in a:
+            assert_same_state_dict(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state_dict(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{path}: {a!r} vs {b!r}"

@@ -20,6 +20,7 @@ from torch import nn
 
 from clipped_optim import ClippedOptimizer
 from clipped_optim.adaptive import quantile_sorted, sorted_ring_push
+from helpers import assert_same_state_dict
 
 autoclip_torch = pytest.importorskip("autoclip.torch")
 zclip = pytest.importorskip("zclip")
@@ -416,9 +417,10 @@ def test_resume_rejects_a_mismatched_history_length():
     backward(model, x, f)
     opt.step()
     other = ClippedOptimizer(sgd(model), mode="autoclip", history_length=9)
-    other.load_state_dict(opt.state_dict())
-    with pytest.raises(ValueError, match="history_length=9"):
-        other.step()
+    before = other.state_dict()
+    with pytest.raises(ValueError, match="autoclip_ring.*history_length=9"):  # at the load, not at a later step
+        other.load_state_dict(opt.state_dict())
+    assert_same_state_dict(other.state_dict(), before)
 
 
 @pytest.mark.parametrize("saved,loaded", [(False, True), (True, False)])
@@ -430,9 +432,9 @@ def test_resume_rejects_a_history_of_the_other_kind(saved, loaded):
     backward(model, x, f)
     opt.step()
     other = ClippedOptimizer(sgd(model), mode="autoclip", per_param=loaded, history_length=8)
-    other.load_state_dict(opt.state_dict())
     with pytest.raises(ValueError, match=f"per_param={saved}, but this optimizer uses per_param={loaded}"):
-        other.step()
+        other.load_state_dict(opt.state_dict())
+    assert "autoclip_ring" not in other.state["clip"] and int(other.state["clip"]["steps"]) == 0
 
 
 # -- GradScaler and fused inner optimizers -------------------------------------------------------

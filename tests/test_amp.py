@@ -21,7 +21,8 @@ def _train(inner_name, wrap, mode="norm", inject=(2,), pre_unscale=False, steps=
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(grad_dtype)
     inner = INNERS[inner_name](list(model.parameters()))
-    opt = ClippedOptimizer(inner, mode=mode, max_norm=0.5, clip_value=0.05 if mode == "value" else None) if wrap else inner
+    bound = dict(clip_value=0.05) if mode == "value" else dict(max_norm=0.5)
+    opt = ClippedOptimizer(inner, mode=mode, **bound) if wrap else inner
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
     g = torch.Generator().manual_seed(1)
     scales, seen_norms = [], []

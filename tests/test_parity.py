@@ -43,14 +43,9 @@ def _check_parity(row, mode, norm_type, dtype):
     # Step 0 has a small loss factor (0.2): bounds just above its norms bind on the larger steps only.
     max_norm = 1.1 * prob.typical_norm(norm_type, per_param=mode == "per_param")
     clip_value = 1.1 * prob.typical_norm(INF) if mode == "value" else None
+    bound = dict(clip_value=clip_value) if mode == "value" else dict(max_norm=max_norm)
     ours_model, ref_model = prob.clone_model(), prob.clone_model()
-    ours = ClippedOptimizer(
-        row.build(list(ours_model.parameters())),
-        mode=mode,
-        max_norm=max_norm,
-        norm_type=norm_type,
-        clip_value=clip_value,
-    )
+    ours = ClippedOptimizer(row.build(list(ours_model.parameters())), mode=mode, norm_type=norm_type, **bound)
     ref = row.build(list(ref_model.parameters()))
     rtol, atol = _tolerance(row, dtype)
     for step in range(len(prob.batches)):
