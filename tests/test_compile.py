@@ -50,3 +50,52 @@ def test_clip_path_compiles_fullgraph_and_matches_eager(flat):
         for key in ("grad_norm", "clip_coef", "param_norms", "steps", "clipped_steps"):
             torch.testing.assert_close(compiled_opt.state["clip"][key], eager_opt.state["clip"][key], rtol=1e-6, atol=0)
     assert int(compiled_opt.state["clip"]["clipped_steps"]) == 3
+
+
+COMPILED_STEPS = [
+    dict(mode="norm", max_norm=0.5),
+    dict(mode="norm", max_norm=0.5, flat_grads=True),
+    dict(mode="norm", max_norm=0.5, skip_spikes=True, spike_window=3),
+    dict(mode="per_param", max_norm=0.3),
+    dict(mode="value", clip_value=0.05),
+    dict(mode="agc"),
+    dict(mode="autoclip", history_length=4),
+    dict(mode="zclip", warmup_steps=2),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("kw", COMPILED_STEPS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_compiled_training_step_matches_eager(kw):
+    """Every mode (and the options that change the step) inside a torch.compile'd training step
+    with graph breaks allowed: the same parameters and statistics as eager, a NaN batch skipped."""
+    torch._dynamo.reset()
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        opt = ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), **kw)
+
+        def train_step(x, model=model, opt=opt):
+            loss = model(x).pow(2).sum() * 5
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        step = torch.compile(train_step) if compiled else train_step
+        g = torch.Generator().manual_seed(1)
+        for i in range(5):
+            x = torch.randn(6, 4, generator=g)
+            if i == 2:
+                x[0, 0] = float("nan")  # a NaN batch: skipped in both
+            step(x)
+        runs[compiled] = (model, opt)
+    (eager, eager_opt), (comp, comp_opt) = runs[False], runs[True]
+    for p, q in zip(comp.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for key in ("steps", "skipped_steps", "nonfinite_steps", "clipped_steps"):
+        assert int(comp_opt.state["clip"][key]) == int(eager_opt.state["clip"][key]), key
+    assert int(comp_opt.state["clip"]["skipped_steps"]) >= 1
