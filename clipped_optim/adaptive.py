@@ -214,10 +214,14 @@ def quantile_sorted(sorted_: Tensor, count: Tensor, q: float) -> Tensor:
     ranks = torch.full((), q, dtype=sorted_.dtype, device=sorted_.device) * (n - 1).clamp(min=0)
     below = ranks.long()
     above = ranks.ceil().long()
-    lo = sorted_.gather(1, below.unsqueeze(1)).squeeze(1)
-    hi = sorted_.gather(1, above.unsqueeze(1)).squeeze(1)
+    # An empty row reads +inf slots: lerp(inf, inf) is NaN, which inductor refuses to fold
+    # ("sympy expression is NaN") when the history is new inside a compiled step, so empty rows
+    # interpolate zeros and are replaced by +inf afterwards. Rows with values read only values.
+    some = n > 0
+    lo = torch.where(some, sorted_.gather(1, below.unsqueeze(1)).squeeze(1), 0)
+    hi = torch.where(some, sorted_.gather(1, above.unsqueeze(1)).squeeze(1), 0)
     value = torch.lerp(lo, hi, ranks - below)
-    return torch.where(n > 0, value, torch.full_like(value, math.inf))
+    return torch.where(some, value, torch.full_like(value, math.inf))
 
 
 def _autoclip_state(cfg: ClipConfig, clip_state: dict[str, Any], rows: int, device) -> tuple[Tensor, Tensor, Tensor]:
