@@ -70,7 +70,7 @@ def open_gate(gate: Gate | None, total: Tensor) -> tuple[Tensor | None, Tensor]:
 def held(coef: Tensor, hold: Tensor | None) -> Tensor:
     """``coef``, or 1 where ``hold``: the coefficient of a step that will not proceed, which
     leaves the gradients bit-identical (a ``where`` on the device, not a host branch)."""
-    return coef if hold is None else torch.where(hold, torch.ones_like(coef), coef)
+    return coef if hold is None else torch.where(hold, 1.0, coef)
 
 
 def unscaled(factor: Tensor, grad_scale: Tensor | None, device: torch.device) -> Tensor:

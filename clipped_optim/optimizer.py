@@ -302,7 +302,7 @@ class ClippedOptimizer(Optimizer):
         is done (proceeded or skipped), so one that raised is not recorded."""
         state = self._clip_state()
         state.update(pending.state)  # the adaptive updates, already gated by the decision
-        stats.record(state, pending.result, pending.gate.finite, pending.gate.skip > 0)
+        stats.record(state, pending.result, pending.gate.finite, pending.gate.hold)
 
     def _clip_and_record(self, grad_scale: Tensor | None, found_inf: Tensor | None, fold: bool):
         """Everything a step does besides the inner step, with no host sync (it compiles with
@@ -323,7 +323,7 @@ class ClippedOptimizer(Optimizer):
         nothing else to skip for. Under ``"raise"`` the same read also raises.
         """
         if must_raise:
-            skip, bad = torch.stack([pending.gate.skip > 0, ~pending.gate.finite]).tolist()
+            skip, bad = torch.stack([pending.gate.hold, ~pending.gate.finite]).tolist()
             if bad:
                 self._raise_nonfinite()
             return skip
