@@ -6,8 +6,9 @@ dict (``optimizer.state["clip"]``), so a checkpoint carries it and a resumed run
 bit-identically. No function reads a tensor value on the host: every decision is a
 ``torch.where``/``clamp`` on the device, so a step costs no device-to-host sync.
 
-A step whose norm is NaN/Inf, or that the spike detector skips, never enters a history or
-an EMA (``accept`` below): one bad batch cannot poison the threshold of every later step,
+A step that does not proceed (its norm is NaN/Inf, a GradScaler overflow, a NaN in an
+opted-out group, a spike) never enters a history or an EMA: the wrapper's gate says so
+through ``accept`` (see ``modes.Gate``), so one bad batch cannot poison the threshold of every later step,
 as it does in the reference packages.
 
 State keys (tensors on the gradients' device, in ``optimizer.state["clip"]``):

@@ -69,7 +69,7 @@ class StepGate:
             found = report_found_inf(self.reporter, everything, found)
         # hold is None when nothing can stop the step (propagate, no GradScaler, no spikes)
         hold = None if self.config.nonfinite == "propagate" else ~finite
-        if found is not None:
+        if found is not None:  # GradScaler sums it over devices: it can exceed 1
             overflow = found.to(finite.device) > 0
             hold = overflow if hold is None else hold | overflow
         if self.spikes and self.config.skip_spikes:
@@ -77,7 +77,7 @@ class StepGate:
             hold = blocked | adaptive.spike_gate(self.config, self.clip_state, total, total_finite & ~blocked)
         self.finite = finite
         self.hold = torch.zeros_like(finite) if hold is None else hold
-        self.skip = self.hold.float()
+        self.skip = self.hold.float()  # exactly 1.0: the CPU fused kernels skip on nothing else
         if hold is None or (found is None and not self.config.skip_spikes and self.poison is None):
             return hold, total_finite  # hold is ~finite or nothing: accept every finite norm, no op
         return hold, total_finite & ~hold
