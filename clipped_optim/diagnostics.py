@@ -12,8 +12,9 @@ so call them when logging (every 50 or 100 steps), not every step.
 * :func:`plot_history` draws the norm history with the threshold (matplotlib, imported
   inside the function: ``pip install clipped_optim[examples]``).
 
-Nothing here needs a logging library; the core package does not import this module until
-``ClippedOptimizer.stats()``/``report()`` is called.
+Nothing here needs a logging library or matplotlib at import time: ``plot_history`` is exported
+from the package's top level (``from clipped_optim import plot_history``) and imports
+matplotlib only when called.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ class ClippedOptimizer(Optimizer):
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
         mode: ``"norm"`` (global norm over all gradients), ``"per_param"`` (each gradient
             tensor to ``max_norm`` on its own), ``"value"`` (element-wise clamp), or an
-            adaptive mode: ``"agc"``, ``"autoclip"``, ``"zclip"`` (see docs/adaptive.md).
+            adaptive mode: ``"agc"``, ``"autoclip"``, ``"zclip"`` (options and defaults below).
         max_norm: the norm bound for ``"norm"``/``"per_param"``; 1.0 is the usual choice
             for transformers. For ``"zclip"`` the cap on its bound (``None``: no cap).
         norm_type: p of the p-norm (> 0, or ``inf``); also the norm recorded in every mode.
@@ -67,13 +67,28 @@ class ClippedOptimizer(Optimizer):
             so the clip is one kernel whatever the parameter count; ``zero_grad()`` then zeroes
             the buffer instead of freeing it (see :mod:`clipped_optim.flat`).
         clip_factor, eps, quantile, history_length, per_param, alpha, z_thresh, warmup_steps,
-            clip_option, skip_update_on_spike: options of the adaptive modes ``"agc"``,
-            ``"autoclip"`` and ``"zclip"`` (``None``: the mode's default; an option another
-            mode reads is rejected). ``max_norm`` is ZClip's cap (``None``: no cap).
-            See :mod:`clipped_optim.adaptive` and docs/adaptive.md.
+            clip_option, skip_update_on_spike: options of the adaptive modes. ``None`` means
+            the mode's default (those of the reference packages); an option the mode does not
+            read is rejected. The defaults:
+
+            - ``mode="agc"`` (timm's ``adaptive_clip_grad``): ``clip_factor=0.01``,
+              ``eps=1e-3``: each output unit's gradient norm is clipped to
+              ``clip_factor * max(||w||, eps)``.
+            - ``mode="autoclip"`` (the autoclip package): ``quantile=0.9``,
+              ``history_length=1000``, ``per_param=False``: the bound is that quantile of the
+              last ``history_length`` norms (per tensor with ``per_param=True``).
+            - ``mode="zclip"`` (the zclip package): ``alpha=0.97``, ``z_thresh=2.5``,
+              ``warmup_steps=25``, ``clip_option="adaptive_scaling"``, ``clip_factor=1.0``,
+              ``skip_update_on_spike=False``, and ``max_norm=1.0`` as the cap on its bound
+              (``None``: no cap). A norm whose z-score against the EMA of past norms exceeds
+              ``z_thresh`` is clipped to an adaptive bound.
+
+            See :mod:`clipped_optim.adaptive`.
         skip_spikes: skip the whole update when the pre-clip norm exceeds the mean of its
-            rolling window of ``spike_window`` (128) norms by ``spike_sigma`` (6) standard
-            deviations; any mode. Counted in ``skipped_steps``.
+            rolling window of ``spike_window`` norms (default 128) by ``spike_sigma`` standard
+            deviations (default 6.0); any mode. Counted in ``skipped_steps``.
+        spike_sigma, spike_window: the two options of ``skip_spikes=True`` (``None``: 6.0 and
+            128; rejected without ``skip_spikes``).
 
     ``"skip"`` and ``"raise"`` need to know on the host whether the norm is finite before the
     inner step: that is the one device-to-host sync of a step. A fused inner optimizer
