@@ -25,7 +25,7 @@ from typing import Any
 try:
     import pytorch_lightning as pl
 except ImportError:  # the unified "lightning" package
-    import lightning.pytorch as pl  # type: ignore[no-redef]
+    import lightning.pytorch as pl
 
 from ._common import collect
 
