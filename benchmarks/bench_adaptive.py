@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from clipped_optim import ClippedOptimizer  # noqa: E402
+from clipped_optim import ClippedOptimizer
 
 
 class NoOp(torch.optim.Optimizer):
@@ -49,7 +49,7 @@ class NoOp(torch.optim.Optimizer):
     def __init__(self, params):
         super().__init__(params, {"lr": 0.0})
 
-    def step(self, closure=None):  # noqa: D102
+    def step(self, closure=None):
         return None
 
 
@@ -57,7 +57,7 @@ def _timm_agc():
     spec = importlib.util.find_spec("timm")
     if spec is None:
         return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "agc.py")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "utils", "agc.py")
     module_spec = importlib.util.spec_from_file_location("timm_agc", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

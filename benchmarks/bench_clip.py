@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clipped_optim import ClipGradScaler, ClippedOptimizer  # noqa: E402
+from clipped_optim import ClipGradScaler, ClippedOptimizer
 
 MAX_NORM = 1.0
 AMP_SCALE = 1024.0

@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from clipped_optim import ClippedOptimizer  # noqa: E402
+from clipped_optim import ClippedOptimizer
 
 
 def workload(name: str) -> list[torch.nn.Parameter]:

@@ -37,9 +37,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ._tensors import index_tensor
 from .config import ClipConfig
 from .modes import EPS, ClipResult, _device, _measure, global_norm_coef
-from ._tensors import index_tensor
 from .norms import GradBatch, scale_, scale_each_, tensor_norms
 
 __all__ = [
@@ -416,7 +416,7 @@ def run_zclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device
     # bit; sharded, the per-tensor norms are of local pieces and only the total is global
     exact = cfg.norm_type == 2 and batch.sharding is None
     znorm = torch.sqrt(torch.sum(torch.pow(stacked, 2))) if exact else total
-    bound, spike, new = zclip_update(cfg, state, znorm, accept)
+    bound, _spike, new = zclip_update(cfg, state, znorm, accept)
     g = znorm.to(bound.dtype)
     zcoef = torch.where(g > bound, bound / (g + 1e-6), torch.ones_like(g)).to(total.dtype)
     # the package's warm-up clips with torch.nn.utils.clip_grad_norm_ (its norm, its formula)

@@ -16,11 +16,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import amp, distributed, modes, stats
-from .amp_scaler import report_found_inf
-from .dispatch import is_scalar, run_mode
-from .config import ClipConfig
-from .flat import FlatGrads
 from ._tensors import index_tensor
+from .amp_scaler import report_found_inf
+from .config import ClipConfig
+from .dispatch import is_scalar, run_mode
+from .flat import FlatGrads
 from .norms import GradBatch, scale_, tensor_norms, total_norm
 
 __all__ = ["ClippedOptimizer"]

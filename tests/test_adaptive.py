@@ -32,7 +32,7 @@ def timm_agc():
     spec = importlib.util.find_spec("timm")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("timm is not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "agc.py")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "utils", "agc.py")
     module_spec = importlib.util.spec_from_file_location("timm_agc", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

@@ -53,7 +53,7 @@ def test_lightning_fit_with_a_clipped_optimizer(tmp_path, monkeypatch):
 
     calls = _count_stats_calls(monkeypatch)
     example = _load("lightning_example")
-    trainer, model = example.main(max_epochs=2, root=str(tmp_path), log_every_n_steps=5)
+    trainer, _model = example.main(max_epochs=2, root=str(tmp_path), log_every_n_steps=5)
     opt = trainer.optimizers[0]
     assert isinstance(opt, ClippedOptimizer)
     assert trainer.gradient_clip_val is None  # Lightning's own clipping is off
