@@ -170,7 +170,7 @@ def clip_report(optimizer: Any, window: int | None = None) -> ClipReport:
     steps, rows = _unroll(flat[len(counters) :].view(history.shape), total, first)
     if window is not None:
         steps, rows = steps[-window:], rows[-window:]
-    norms, thresholds, coefs, skipped = rows.unbind(1)
+    norms, thresholds, coefs, skip_flags = rows.unbind(1)
     finite = torch.isfinite(norms)
     clipped_mask = (coefs < 1) & finite
     percentiles = _percentiles(norms[finite])
@@ -181,7 +181,7 @@ def clip_report(optimizer: Any, window: int | None = None) -> ClipReport:
         window=len(steps),
         clipped=int(clipped_mask.sum()),
         clipped_fraction=float(clipped_mask.double().mean()) if steps else 0.0,
-        skipped=int(skipped.sum()),
+        skipped=int(skip_flags.sum()),
         nonfinite_total=nonfinite_total,
         percentiles=percentiles,
         threshold=threshold,
@@ -190,7 +190,7 @@ def clip_report(optimizer: Any, window: int | None = None) -> ClipReport:
         norms=norms.tolist(),
         thresholds=thresholds.tolist(),
         coefs=coefs.tolist(),
-        skipped_mask=(skipped > 0).tolist(),
+        skipped_mask=(skip_flags > 0).tolist(),
     )
     report.advice = advise(report)
     return report

@@ -79,7 +79,7 @@ class FlatLayout:
         for views, _ in self.singles:
             acc = torch.float32 if views[0].dtype in _HALF else None
             if foreach is not False:
-                norms = torch._foreach_norm(views, norm_type, dtype=acc)
+                norms: list[Tensor] | tuple[Tensor, ...] = torch._foreach_norm(views, norm_type, dtype=acc)
             else:
                 norms = [torch.linalg.vector_norm(v, norm_type, dtype=acc) for v in views]
             parts.append(torch.stack(norms).to(self._device))

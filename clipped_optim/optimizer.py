@@ -383,7 +383,7 @@ class ClippedOptimizer(Optimizer):
 
     # -- statistics and checkpoints
     def _clip_state(self) -> dict[str, Any]:
-        state = self.optimizer.state
+        state: dict[Any, Any] = self.optimizer.state  # parameters as keys, and the string "clip"
         if stats.STATE_KEY not in state:  # fresh, or a plain inner state_dict was loaded
             state[stats.STATE_KEY] = stats.new_clip_state(self.config.mode, self._device(), self.config.history_size)
         return state[stats.STATE_KEY]
@@ -408,7 +408,7 @@ class ClippedOptimizer(Optimizer):
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
         self.optimizer.load_state_dict(state_dict)
-        state = self.optimizer.state
+        state: dict[Any, Any] = self.optimizer.state
         state[stats.STATE_KEY] = stats.restore_clip_state(
             state.get(stats.STATE_KEY), self.config.mode, self._device(), self.config.history_size
         )
