@@ -2,7 +2,7 @@
 
     python benchmarks/bench_adaptive.py [--iters 200] [--threads 2]
 
-Workload: W3 of BASELINES.md, the gradients of a 6-layer ``nn.TransformerEncoder`` (d_model
+Workload: W3, the gradients of a 6-layer ``nn.TransformerEncoder`` (d_model
 256, 4 heads, ffn 1024; 72 tensors, 4.7M elements), CPU, fp32. Before every call the
 gradients are restored from a saved copy times a per-iteration factor (log-normal, with a
 10x spike every 25th iteration), the same for every variant of that iteration; the restore
@@ -23,7 +23,8 @@ is not timed. The variants run interleaved in one process, in a rotated order pe
 The wrapper's step includes gathering the gradients, the statistics and its one host sync
 (nonfinite="skip"); the inner optimizer does nothing, so only the clipping is timed.
 Reported: medians, and the medians of the per-iteration (paired) ratios to ``norm`` and to
-the peer's own call. Bars (issue 6): each adaptive mode <= 1.2x norm and <= 0.5x its peer.
+the peer's own call. Targets set when the modes were written: each adaptive mode <= 1.2x norm
+and <= 0.5x its peer.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_distributed.py [--worlds 1 2 4] [--iters 60]
 
-Each rank holds the same workload, W1 of BASELINES.md (400 fp32 gradients of 2,500 elements:
+Each rank holds the same workload, W1 (400 fp32 gradients of 2,500 elements:
 many small tensors, where a clip costs most per element), and times, interleaved in every
 iteration after a barrier:
 
