@@ -48,8 +48,9 @@ class ClippedOptimizer(Optimizer):
         mode: ``"norm"`` (global norm over all gradients), ``"per_param"`` (each gradient
             tensor to ``max_norm`` on its own), ``"value"`` (element-wise clamp), or an
             adaptive mode: ``"agc"``, ``"autoclip"``, ``"zclip"`` (options and defaults below).
-        max_norm: the norm bound for ``"norm"``/``"per_param"``; 1.0 is the usual choice
-            for transformers. For ``"zclip"`` the cap on its bound (``None``: no cap).
+        max_norm: the norm bound for ``"norm"``/``"per_param"`` (default 1.0, the usual choice
+            for transformers). For ``"zclip"`` the cap on its bound (default 1.0, as the zclip
+            package; ``None``: no cap).
         norm_type: p of the p-norm (> 0, or ``inf``); also the norm recorded in every mode.
         clip_value: the bound of ``mode="value"`` (required there, rejected elsewhere).
         nonfinite: what a step whose gradients hold NaN/Inf does. ``"skip"`` leaves the
@@ -66,29 +67,39 @@ class ClippedOptimizer(Optimizer):
         flat_grads: keep the gradients as views into one contiguous buffer per (device, dtype),
             so the clip is one kernel whatever the parameter count; ``zero_grad()`` then zeroes
             the buffer instead of freeing it (see :mod:`clipped_optim.flat`).
-        clip_factor, eps, quantile, history_length, per_param, alpha, z_thresh, warmup_steps,
-            clip_option, skip_update_on_spike: options of the adaptive modes. ``None`` means
-            the mode's default (those of the reference packages); an option the mode does not
-            read is rejected. The defaults:
-
-            - ``mode="agc"`` (timm's ``adaptive_clip_grad``): ``clip_factor=0.01``,
-              ``eps=1e-3``: each output unit's gradient norm is clipped to
-              ``clip_factor * max(||w||, eps)``.
-            - ``mode="autoclip"`` (the autoclip package): ``quantile=0.9``,
-              ``history_length=1000``, ``per_param=False``: the bound is that quantile of the
-              last ``history_length`` norms (per tensor with ``per_param=True``).
-            - ``mode="zclip"`` (the zclip package): ``alpha=0.97``, ``z_thresh=2.5``,
-              ``warmup_steps=25``, ``clip_option="adaptive_scaling"``, ``clip_factor=1.0``,
-              ``skip_update_on_spike=False``, and ``max_norm=1.0`` as the cap on its bound
-              (``None``: no cap). A norm whose z-score against the EMA of past norms exceeds
-              ``z_thresh`` is clipped to an adaptive bound.
-
-            See :mod:`clipped_optim.adaptive`.
+        clip_factor: ``"agc"``: each output unit's gradient norm is clipped to
+            ``clip_factor * max(||w||, eps)`` (default 0.01). ``"zclip"``: multiplier of its
+            adaptive-scaling bound (default 1.0).
+        eps: ``"agc"``: floor on the weight norm, so zero-initialised units can move
+            (default 1e-3).
+        quantile: ``"autoclip"``: the bound is this quantile of the past norms, in [0, 1]
+            (default 0.9).
+        history_length: ``"autoclip"``: how many past norms are kept (default 1000).
+        per_param: ``"autoclip"``: one history and one bound per parameter tensor
+            (default False).
+        alpha: ``"zclip"``: EMA factor of the norm's mean and variance, in (0, 1)
+            (default 0.97).
+        z_thresh: ``"zclip"``: z-score above which a norm counts as a spike and is clipped to
+            an adaptive bound (default 2.5).
+        warmup_steps: ``"zclip"``: norms collected before the EMA starts; until then only the
+            ``max_norm`` cap clips (default 25).
+        clip_option: ``"zclip"``: the bound on a spike: ``"adaptive_scaling"`` (default),
+            ``"mean"``, or ``"percentile"`` (always ``mean + z_thresh * std``).
+        skip_update_on_spike: ``"zclip"``: leave the EMA unchanged on a spike (default False).
         skip_spikes: skip the whole update when the pre-clip norm exceeds the mean of its
-            rolling window of ``spike_window`` norms (default 128) by ``spike_sigma`` standard
-            deviations (default 6.0); any mode. Counted in ``skipped_steps``.
-        spike_sigma, spike_window: the two options of ``skip_spikes=True`` (``None``: 6.0 and
-            128; rejected without ``skip_spikes``).
+            rolling window of ``spike_window`` norms by ``spike_sigma`` standard deviations;
+            any mode. Counted in ``skipped_steps`` (default False).
+        spike_sigma: with ``skip_spikes=True``: the number of standard deviations
+            (default 6.0).
+        spike_window: with ``skip_spikes=True``: the norms in the rolling window
+            (default 128).
+
+    The adaptive options are those of the reference implementations, with their defaults:
+    timm's ``adaptive_clip_grad`` (``"agc"``), the autoclip package's ``QuantileClip``
+    (``"autoclip"``), the zclip package's ``ZClip`` (``"zclip"``, whose ``max_grad_norm=1.0`` is
+    ``max_norm`` here), OLMo-core's ``SkipStepOptimizer`` (``skip_spikes``). ``None`` means the
+    default; an option the chosen mode does not read is rejected with ``ValueError``. See
+    :mod:`clipped_optim.adaptive`.
 
     ``"skip"`` and ``"raise"`` need to know on the host whether the norm is finite before the
     inner step: that is the one device-to-host sync of a step. A fused inner optimizer

@@ -28,17 +28,42 @@ def test_import_needs_no_optional_dependency():
     assert out.strip() == "[]"
 
 
+DEFAULTS = {  # option: its default in each mode that reads it, as the docstring gives them
+    "max_norm": "1.0",
+    "clip_factor": "0.01",
+    "eps": "1e-3",
+    "quantile": "0.9",
+    "history_length": "1000",
+    "per_param": "False",
+    "alpha": "0.97",
+    "z_thresh": "2.5",
+    "warmup_steps": "25",
+    "clip_option": '"adaptive_scaling"``',
+    "skip_update_on_spike": "False",
+    "skip_spikes": "False",
+    "spike_sigma": "6.0",
+    "spike_window": "128",
+}
+
+
 def test_help_states_the_adaptive_defaults():
-    """A pip user has no docs folder: ``help(ClippedOptimizer)`` gives the defaults itself."""
+    """A pip user has no docs folder: ``help(ClippedOptimizer)`` gives every default itself."""
     text = pydoc.render_doc(ClippedOptimizer, renderer=pydoc.plaintext)
     assert "docs/" not in text
-    for default in (
-        "clip_factor=0.01", "eps=1e-3",  # agc
-        "quantile=0.9", "history_length=1000", "per_param=False",  # autoclip
-        "alpha=0.97", "z_thresh=2.5", "warmup_steps=25", 'clip_option="adaptive_scaling"',  # zclip
-        "skip_update_on_spike=False", "max_norm=1.0",
-    ):
-        assert default in text, default
+    doc = ClippedOptimizer.__doc__
+    args = doc[doc.index("Args:") :]
+    entries = {}  # "name: text" entries of the Args section, continuation lines joined
+    for line in args.splitlines()[1:]:
+        head = line.strip().split(":", 1)[0]
+        if line.startswith(" " * 8) and not line.startswith(" " * 12) and head.isidentifier():
+            entries[head] = line
+        elif entries and line.startswith(" " * 12):
+            entries[list(entries)[-1]] += " " + line.strip()
+        elif line.strip() and not line.startswith(" " * 8):
+            break
+    for name, default in DEFAULTS.items():
+        assert name in entries, name
+        assert f"default {default}" in entries[name] or f"{default} (default)" in entries[name], entries[name]
 
 
 def test_documented_defaults_are_the_real_ones():
@@ -47,8 +72,13 @@ def test_documented_defaults_are_the_real_ones():
         "agc": {"clip_factor": 0.01, "eps": 1e-3},
         "autoclip": {"quantile": 0.9, "history_length": 1000, "per_param": False},
         "zclip": {
-            "alpha": 0.97, "z_thresh": 2.5, "warmup_steps": 25, "clip_option": "adaptive_scaling",
-            "clip_factor": 1.0, "skip_update_on_spike": False, "max_norm": 1.0,
+            "alpha": 0.97,
+            "z_thresh": 2.5,
+            "warmup_steps": 25,
+            "clip_option": "adaptive_scaling",
+            "clip_factor": 1.0,
+            "skip_update_on_spike": False,
+            "max_norm": 1.0,
         },
     }
     import torch
