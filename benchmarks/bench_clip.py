@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clipped_optim import ClipGradScaler, ClippedOptimizer  # noqa: E402
+from clipped_optim import ClipGradScaler, ClippedOptimizer
 
 MAX_NORM = 1.0
 AMP_SCALE = 1024.0
@@ -63,8 +63,8 @@ def gpt2_small() -> list[tuple[int, ...]]:
 WORKLOADS: dict[str, tuple[str, Callable[[], list[tuple[int, ...]]]]] = {
     "W1": ("400 x 2,500 fp32", w1),
     "W2": ("8 x 4M fp32", w2),
-    "W3": ("6-layer TransformerEncoder d256", w3),
-    "GPT2": ("GPT-2 small parameter list (124M)", gpt2_small),
+    "W3": ("6-layer TransformerEncoder d_model 256, 4 heads, ffn 1024: 72 tensors, 4.7M elements", w3),
+    "GPT2": ("GPT-2 small parameter list (148 tensors, 124M elements)", gpt2_small),
 }
 
 
@@ -340,6 +340,8 @@ def main() -> None:
 def write_results(rows: list[dict], started: datetime.datetime, argv: str, append: bool, where: str) -> None:
     path = Path(__file__).with_name("RESULTS.md")
     head = ["## Another run", ""] if append and path.exists() else ["# Benchmark results (`benchmarks/bench_clip.py`)", ""]
+    if not (append and path.exists()):
+        head += ["Workloads (fp32 gradient shapes): " + "; ".join(f"{k} = {d}" for k, (d, _) in WORKLOADS.items()) + ".", ""]
     text = head + [
         f"Run `python benchmarks/bench_clip.py {argv}`".rstrip() + f" at {started:%Y-%m-%d %H:%M} UTC.",
         "",

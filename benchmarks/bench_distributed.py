@@ -2,7 +2,7 @@
 
     python benchmarks/bench_distributed.py [--worlds 1 2 4] [--iters 60]
 
-Each rank holds the same workload, W1 of BASELINES.md (400 fp32 gradients of 2,500 elements:
+Each rank holds the same workload, W1 (400 fp32 gradients of 2,500 elements:
 many small tensors, where a clip costs most per element), and times, interleaved in every
 iteration after a barrier:
 
@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from clipped_optim import ClippedOptimizer  # noqa: E402
+from clipped_optim import ClippedOptimizer
 
 N_TENSORS, NUMEL = 400, 2_500
 VARIANTS = ("inner", "local", "reduced", "allreduce")
@@ -144,7 +144,7 @@ def main() -> None:
     print(f"{'world':>5} " + " ".join(f"{v:>17}" for v in VARIANTS) + f" {'reduced/local':>14}")
     for w, times in results.items():
         med = {v: statistics.median(times[v]) for v in VARIANTS}
-        paired = statistics.median(r / l for r, l in zip(times["reduced"], times["local"]))
+        paired = statistics.median(r / loc for r, loc in zip(times["reduced"], times["local"]))
         cells = " ".join(f"{med[v] * 1e6:9.0f} ({med[v] / base:4.2f}x)" for v in VARIANTS)
         print(f"{w:>5} {cells} {paired:13.3f}x")
     fsdp = ("fsdp2 inner", "fsdp2 torch clip", "fsdp2 wrapper")

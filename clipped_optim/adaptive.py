@@ -38,9 +38,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ._tensors import index_tensor
 from .config import ClipConfig
 from .modes import EPS, ClipResult, Gate, _device, _measure, global_norm_coef, held, open_gate, unscaled
-from ._tensors import index_tensor
 from .norms import GradBatch, scale_, scale_each_, tensor_norms
 from .stats import check_tensor
 
@@ -110,6 +110,7 @@ def run_agc(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, 
     ``timm.utils.agc.adaptive_clip_grad(params, clip_factor, eps, norm_type)``. Not a scalar
     coefficient: always applied here (``apply`` is ignored), never folded.
     """
+    assert cfg.clip_factor is not None and cfg.eps is not None  # ClipConfig fills the options of its mode (narrows the types)
     dev = _device(batch, device)
     grads, params = batch.tensors, _agc_params(batch)
     units = _units(grads)
@@ -226,6 +227,7 @@ def quantile_sorted(sorted_: Tensor, count: Tensor, q: float) -> Tensor:
 
 
 def _autoclip_state(cfg: ClipConfig, clip_state: dict[str, Any], rows: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    assert cfg.history_length is not None  # ClipConfig fills the options of its mode (narrows the types)
     ring = clip_state.get("autoclip_ring")
     if ring is None:
         ring = torch.full((0, cfg.history_length), math.inf, device=device)
@@ -255,6 +257,7 @@ def run_autoclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, dev
     Equal to ``autoclip``'s ``QuantileClip.as_optimizer(opt, quantile, history_length,
     global_threshold=not per_param)``, whose first step clips nothing.
     """
+    assert cfg.quantile is not None  # ClipConfig fills the options of its mode (narrows the types)
     dev = _device(batch, device)
     total, stacked = _measure(batch, cfg.norm_type, grad_scale, dev)
     hold, accept = open_gate(gate, total)
@@ -270,7 +273,10 @@ def run_autoclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, dev
     return ClipResult(total, coef, stacked, threshold)
 
 
-def _autoclip_per_param(cfg: ClipConfig, batch: GradBatch, grad_scale, stacked: Tensor, hold, accept: Tensor, clip_state, dev):
+def _autoclip_per_param(
+    cfg: ClipConfig, batch: GradBatch, grad_scale, stacked: Tensor, hold, accept: Tensor, clip_state, dev
+) -> tuple[Tensor, Tensor, Tensor]:
+    assert cfg.quantile is not None  # ClipConfig fills the options of its mode (narrows the types)
     if batch.sharding is not None:
         raise NotImplementedError(
             "ClippedOptimizer: mode='autoclip' with per_param=True on sharded gradients (FSDP, DTensor, "
@@ -314,6 +320,7 @@ class ZClipState(NamedTuple):
 
 
 def _zclip_state(cfg: ClipConfig, clip_state: dict[str, Any], device) -> ZClipState:
+    assert cfg.warmup_steps is not None  # ClipConfig fills the options of its mode (narrows the types)
     if "zclip_mean" not in clip_state:
         dtype = _wide(device)
         zero = torch.zeros((), dtype=dtype, device=device)
@@ -339,6 +346,7 @@ def zclip_update(cfg: ClipConfig, state: ZClipState, norm: Tensor, accept: Tenso
     initialised from them and updated as an EMA of the *clip value* (the adaptive bound on a
     spike, else the norm), before the ``max_norm`` cap, as the package does.
     """
+    assert cfg.warmup_steps is not None and cfg.alpha is not None and cfg.skip_update_on_spike is not None  # ClipConfig fills the options of its mode (narrows the types)
     g = norm.to(state.mean.dtype)
     warm = state.seen < cfg.warmup_steps
     cap = math.inf if cfg.max_norm is None else cfg.max_norm
@@ -369,6 +377,7 @@ def _zclip_clip_value(cfg: ClipConfig, state: ZClipState, g: Tensor) -> tuple[Te
     """The package's ``_compute_clip_val``: the clip value (``g`` itself when no spike), and
     whether it is a spike. The operations follow the package's order, so the float64
     arithmetic gives its numbers to the bit."""
+    assert cfg.z_thresh is not None and cfg.clip_factor is not None  # ClipConfig fills the options of its mode (narrows the types)
     std = state.var.sqrt()
     if cfg.clip_option == "percentile":
         threshold = state.mean + cfg.z_thresh * std
@@ -399,6 +408,7 @@ def run_zclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device
     warm-up). Equal to ``zclip.ZClip(alpha, z_thresh, max_grad_norm=max_norm, warmup_steps,
     mode, clip_option, clip_factor, skip_update_on_spike).step(model)``.
     """
+    assert cfg.warmup_steps is not None  # ClipConfig fills the options of its mode (narrows the types)
     dev = _device(batch, device)
     total, stacked = _measure(batch, cfg.norm_type, grad_scale, dev)
     hold, accept = open_gate(gate, total)
@@ -407,7 +417,7 @@ def run_zclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device
     # bit; sharded, the per-tensor norms are of local pieces and only the total is global
     exact = cfg.norm_type == 2 and batch.sharding is None
     znorm = torch.sqrt(torch.sum(torch.pow(stacked, 2))) if exact else total
-    bound, spike, new = zclip_update(cfg, state, znorm, accept)
+    bound, _spike, new = zclip_update(cfg, state, znorm, accept)
     g = znorm.to(bound.dtype)
     zcoef = torch.where(g > bound, bound / (g + 1e-6), torch.ones_like(g)).to(total.dtype)
     # the package's warm-up clips with torch.nn.utils.clip_grad_norm_ (its norm, its formula)
@@ -443,6 +453,7 @@ def spike_gate(cfg: ClipConfig, clip_state: dict[str, Any], total: Tensor, enter
     ``enter`` (0-dim bool) says whether the norm may enter the window at all: not when it is
     NaN/Inf, nor when the step is skipped for another reason (an overflow, a NaN elsewhere).
     """
+    assert cfg.spike_window is not None and cfg.spike_sigma is not None  # ClipConfig fills the options of its mode (narrows the types)
     device = total.device
     if "spike_ring" not in clip_state:
         clip_state.update(spike_ring=torch.zeros(cfg.spike_window, dtype=_wide(device), device=device), spike_count=torch.zeros((), dtype=torch.int64, device=device))

@@ -166,7 +166,7 @@ def _flag(arg: str, value: Any) -> bool:
 
 
 def _open_unit(arg: str, value: Any, lo_closed: bool, hi_closed: bool) -> float:
-    ok = _is_real(value) and (0 <= value if lo_closed else 0 < value) and (value <= 1 if hi_closed else value < 1)
+    ok = _is_real(value) and (value >= 0 if lo_closed else value > 0) and (value <= 1 if hi_closed else value < 1)
     if not ok:
         lo, hi = "[" if lo_closed else "(", "]" if hi_closed else ")"
         raise _fail(arg, value, f"expected a number in {lo}0, 1{hi}")

@@ -87,9 +87,12 @@ class StepGate:
         if self.skip is None:
             self(total)
 
+    def decided(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(finite, hold, skip)`` once the gate has been called (see the attributes)."""
+        assert self.finite is not None and self.hold is not None and self.skip is not None, "the gate was not asked"
+        return self.finite, self.hold, self.skip
+
     def mark_nonfinite(self) -> None:
         """A closure's re-evaluation produced NaN/Inf: the step is skipped after all."""
-        assert self.skip is not None
-        self.finite = torch.zeros_like(self.finite)
-        self.hold = torch.ones_like(self.hold)
-        self.skip = torch.ones_like(self.skip)
+        finite, hold, skip = self.decided()
+        self.finite, self.hold, self.skip = torch.zeros_like(finite), torch.ones_like(hold), torch.ones_like(skip)

@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 from torch import Tensor
 
 from ._tensors import index_tensor
@@ -56,7 +59,7 @@ __all__ = [
 ]
 
 
-def _dtensor_type() -> type | None:
+def _dtensor_type() -> type[DTensor] | None:
     if not dist.is_available():
         return None
     from torch.distributed.tensor import DTensor
@@ -145,7 +148,7 @@ class Sharding:
         self.group, self.shared, self.local = group, shared, local
 
 
-def _counts_here(grad: Tensor) -> bool:
+def _counts_here(grad: DTensor) -> bool:
     """Whether this rank counts its local piece of the DTensor ``grad``: only coordinate 0
     of every mesh dimension on which ``grad`` is replicated does."""
     coord = grad.device_mesh.get_coordinate()
@@ -225,7 +228,7 @@ def reduce_total_norm(stacked: Tensor, norm_type: float, sharding: Sharding) -> 
 # the statistics under a top-level ``"clip"`` key of the returned dict.
 
 
-def _inner_and_stats(optimizer: Any) -> tuple[torch.optim.Optimizer, Any]:
+def _inner_and_stats(optimizer: Any) -> tuple[Any, Any]:
     inner = getattr(optimizer, "optimizer", optimizer)
     return inner, inner.state.pop(CLIP_KEY, None)
 
@@ -245,7 +248,7 @@ def get_optimizer_state_dict(model: torch.nn.Module, optimizer: Any, options: An
 
     inner, clip = _inner_and_stats(optimizer)
     try:
-        osd = sd.get_optimizer_state_dict(model, inner, options=options)
+        osd: dict[str, Any] = sd.get_optimizer_state_dict(model, inner, options=options)
     finally:
         if clip is not None:
             inner.state[CLIP_KEY] = clip

@@ -75,7 +75,7 @@ _KEYS: dict[str, tuple[int, str, tuple[int | None, ...] | None]] = {
     "clip_coef": (0, "float", None),
     "threshold": (0, "float", None),
     "param_norms": (1, "float", None),
-    **{name: (0, "int", None) for name in COUNTERS},
+    **dict.fromkeys(COUNTERS, (0, "int", None)),
     "history": (2, "float", (None, len(HISTORY_COLUMNS))),
     "history_start": (0, "int", None),
 }

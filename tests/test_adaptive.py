@@ -33,7 +33,7 @@ def timm_agc():
     spec = importlib.util.find_spec("timm")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("timm is not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "agc.py")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "utils", "agc.py")
     module_spec = importlib.util.spec_from_file_location("timm_agc", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -418,7 +418,7 @@ def test_resume_rejects_a_mismatched_history_length():
     opt.step()
     other = ClippedOptimizer(sgd(model), mode="autoclip", history_length=9)
     before = other.state_dict()
-    with pytest.raises(ValueError, match="autoclip_ring.*history_length=9"):  # at the load, not at a later step
+    with pytest.raises(ValueError, match=r"autoclip_ring.*history_length=9"):  # at the load, not at a later step
         other.load_state_dict(opt.state_dict())
     assert_same_state_dict(other.state_dict(), before)
 

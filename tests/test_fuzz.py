@@ -34,7 +34,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from torch import nn
 
 from clipped_optim import ClippedOptimizer
@@ -473,7 +480,7 @@ def test_fuzz_long_profile():
     while time.monotonic() < deadline:
         try:
             run_state_machine_as_test(ClipMachine, settings=_settings(max_examples=100, steps=40, phases=[Phase.generate]))
-        except Exception as err:  # noqa: BLE001 - report, then keep fuzzing with fresh seeds
+        except Exception as err:
             failures.append(err)
             print(f"\nfailure {len(failures)}: {type(err).__name__}: {err}")
         rounds += 1

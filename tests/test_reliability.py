@@ -121,7 +121,7 @@ def test_refused_load_changes_nothing():
     other = ClippedOptimizer(torch.optim.Adam(other_params, lr=0.1), mode="value", clip_value=0.1)
     _backward(other_params, 1)
     other.step()
-    with pytest.raises(ValueError, match="mode='value'.*mode='norm'"):
+    with pytest.raises(ValueError, match=r"mode='value'.*mode='norm'"):
         opt.load_state_dict(other.state_dict())
     assert_same_state_dict(opt.state_dict(), before)  # inner state not replaced, and it still saves
 
