@@ -18,21 +18,31 @@ Which pieces count:
 
 ``torch.nn.utils.clip_grad_norm_`` on DTensors redistributes each ``(device, dtype)`` group's
 partial norms on its own mesh; torchtitan adds one more all-reduce over the pipeline mesh.
-Here every piece of every group goes into one scalar, so there is one all-reduce per step
+Here every piece of every group goes into one collective, so there is one all-reduce per step
 whatever the number of groups, meshes or stages.
 
+Ranks never diverge. Every rank of the group runs the same collectives, in the same order,
+with the same dtypes and shapes, whatever its own groups, gradients or slice (empty ones
+included): each decision about a collective is taken from what is identical on every rank
+(the options and the plan), never from this rank's gradients.
+
+* The all-reduce sends a few numbers, always in float64 (:func:`reduction_dtype`): this
+  rank's power sum, and a flag for the opted-out groups (``"clip": False``), 0 or NaN, so a
+  NaN/Inf there skips the step on every rank. A rank with no opted-out group sends 0; the
+  flags cost no second collective.
 A mode that measures the gradients (the adaptive ones too) gets all of this by reducing
 through ``norms.total_norm(..., batch.sharding)``: ``GradBatch.sharding`` is set by the wrapper
 and is ``None`` when nothing is sharded.
 
 A NaN/Inf on one rank reaches every rank through the reduced norm (a sum with a NaN is NaN;
-for ``MAX`` NaN is turned into +inf first, because ``max`` may drop a NaN), so every rank
-takes the same skip decision.
+``MAX`` may drop a NaN, so it is sent as +inf, with a flag that makes the norm NaN again), so
+every rank takes the same skip decision and records what one process would.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,15 +55,23 @@ from .stats import STATE_KEY as CLIP_KEY
 from .stats import restore_clip_state
 
 __all__ = [
+    "NORM_DTYPE",
     "Reduction",
     "Sharding",
     "check_process_group",
     "plan_reduction",
     "local_grads",
+    "reduction_dtype",
     "reduce_total_norm",
+    "attach_unclipped",
+    "add_unclipped",
     "get_optimizer_state_dict",
     "set_optimizer_state_dict",
 ]
+
+#: The dtype of a reduced norm on every rank: what one process records for float32 and
+#: half-precision gradients (see :func:`reduction_dtype`).
+NORM_DTYPE = torch.float32
 
 
 def _dtensor_type() -> type | None:
@@ -137,12 +155,17 @@ class Sharding:
         group: the process group of the all-reduce.
         shared: positions (in the batch) of pieces summed over the group.
         local: positions of complete gradients added on this rank only.
+        unclipped: this rank's flag for its opted-out gradients (0, or NaN when one is
+            non-finite), to send with the step's first all-reduce (:func:`attach_unclipped`).
+        unclipped_global: the flag reduced over the group, once that all-reduce has run.
     """
 
-    __slots__ = ("group", "shared", "local")
+    __slots__ = ("group", "shared", "local", "unclipped", "unclipped_global")
 
     def __init__(self, group: Any, shared: list[int], local: list[int]) -> None:
         self.group, self.shared, self.local = group, shared, local
+        self.unclipped: Tensor | None = None
+        self.unclipped_global: Tensor | None = None
 
 
 def _counts_here(grad: Tensor) -> bool:
@@ -191,6 +214,19 @@ def local_grads(grads: Sequence[Tensor], reduction: Reduction | None) -> tuple[l
     return tensors, Sharding(reduction.group, shared, local)
 
 
+def reduction_dtype(device: torch.device) -> torch.dtype:
+    """The dtype every rank sends the norm in: float64 (float32 on MPS, which has none).
+
+    Taken from the device type, never from the gradients: a rank holding float64 gradients,
+    or none at all this step, must send what the others send, or gloo aborts the rank and
+    NCCL reads garbage. float64 keeps the sum of p-th powers exact to float32 rounding; the
+    result is returned in :data:`NORM_DTYPE` on every rank, what one process records for
+    float32 and half-precision gradients (for float64 gradients one process records float64:
+    a rank cannot know another's dtypes without a collective, so it is float32 here).
+    """
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _pnorm(stacked: Tensor, index: list[int], norm_type: float) -> Tensor:
     """The ``norm_type``-norm of the entries ``index`` of the 1-D ``stacked``."""
     if not index:
@@ -203,18 +239,56 @@ def _pnorm(stacked: Tensor, index: list[int], norm_type: float) -> Tensor:
 def reduce_total_norm(stacked: Tensor, norm_type: float, sharding: Sharding) -> Tensor:
     """The global ``norm_type``-norm from this rank's per-piece norms ``stacked``: one all-reduce.
 
-    Every rank of ``sharding.group`` must call it, with or without pieces of its own.
+    Every rank of ``sharding.group`` must call it, with or without pieces of its own. The
+    first call of a step also carries the opted-out groups' flag (:func:`attach_unclipped`).
     """
+    stacked = stacked.to(reduction_dtype(stacked.device))
     shared = _pnorm(stacked, sharding.shared, norm_type)
     local = _pnorm(stacked, sharding.local, norm_type)
-    if norm_type == float("inf"):
-        # max() may drop a NaN; +inf survives MAX and is non-finite all the same.
-        shared = torch.nan_to_num(shared, nan=float("inf"))
-        dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=sharding.group)
-        return torch.maximum(shared, local)
-    power = shared.pow(norm_type)
-    dist.all_reduce(power, op=dist.ReduceOp.SUM, group=sharding.group)
-    return (power + local.pow(norm_type)).pow(1.0 / norm_type)
+    first = sharding.unclipped_global is None
+    flag = sharding.unclipped if first and sharding.unclipped is not None else shared.new_zeros(())
+    if norm_type == math.inf:
+        # MAX may drop a NaN, so NaN is sent as +inf (posinf=inf: nan_to_num's default would
+        # turn +inf into the largest float), and whether there was one as a third number:
+        # the norm is NaN, not inf, as one process's max over the same values would be.
+        had_nan = torch.isnan(shared).to(shared)
+        sent = torch.nan_to_num(torch.stack([shared, flag.to(shared), had_nan]), nan=math.inf, posinf=math.inf)
+        dist.all_reduce(sent, op=dist.ReduceOp.MAX, group=sharding.group)
+        top = torch.maximum(sent[0], local)
+        total = torch.where(sent[2] > 0, torch.full_like(top, math.nan), top)
+    else:
+        sent = torch.stack([shared.pow(norm_type), flag.to(shared)])
+        dist.all_reduce(sent, op=dist.ReduceOp.SUM, group=sharding.group)
+        total = (sent[0] + local.pow(norm_type)).pow(1.0 / norm_type)
+    if first:
+        sharding.unclipped_global = sent[1]
+    return total.to(NORM_DTYPE)
+
+
+def attach_unclipped(sharding: Sharding, norms: Sequence[Tensor], device: torch.device) -> None:
+    """Give the step's first all-reduce this rank's flag for its opted-out gradients: 0, or
+    NaN when one of ``norms`` (their norms) is NaN/Inf.
+
+    Every rank sends one, 0 when it has no opted-out group: which rank owns the opted-out
+    classifier is its own affair, the collective is everyone's.
+    """
+    wide = reduction_dtype(device)
+    if len(norms) == 0:
+        sharding.unclipped = torch.zeros((), dtype=wide, device=device)
+    else:
+        sharding.unclipped = torch.stack([n.to(device, wide) for n in norms]).sum() * 0
+
+
+def add_unclipped(total: Tensor, sharding: Sharding) -> Tensor:
+    """``total``, made NaN when an opted-out gradient of any rank is NaN/Inf (as one process
+    does: the opted-out norms enter the total only through their finiteness).
+
+    The mode's all-reduce carried the flags. A mode that reduced nothing would get one
+    all-reduce here, on every rank alike since the mode is the same on every rank.
+    """
+    if sharding.unclipped_global is None:
+        reduce_total_norm(total.new_zeros(0), 2.0, sharding)
+    return total + (sharding.unclipped_global * 0).to(total.dtype)
 
 
 # -- checkpoints -------------------------------------------------------------------------

@@ -321,27 +321,36 @@ class ClippedOptimizer(Optimizer):
         # A fused kernel takes grad_scale in float32 only: folding 1/coef would round a
         # float64 gradient's clip to float32 precision, so float64 gradients are scaled here.
         fold = fold and all(dtype != torch.float64 for _, dtype in batch.groups)
+        if batch.sharding is not None:
+            # Sharded: the opt-outs' finiteness rides on the mode's all-reduce, sent by every
+            # rank whether or not it holds an opted-out group (see clipped_optim.distributed).
+            norms = self._unclipped_norms(unclipped, grad_scale)
+            distributed.attach_unclipped(batch.sharding, norms, clip_state["steps"].device)
         result = run_mode(self.config, batch, grad_scale, not fold, clip_state["steps"].device, clip_state)
-        # Sharded: every rank must join the opt-outs' all-reduce, so decide by the groups, not
-        # by which gradients this rank happens to have.
-        if unclipped or (self._reduction is not None and not self._all_groups_clipped()):
-            local, sharding = distributed.local_grads(unclipped, self._reduction)
-            result = self._check_unclipped(result, GradBatch(local, self.config.foreach, sharding), grad_scale)
+        if batch.sharding is not None:
+            result = result._replace(total_norm=distributed.add_unclipped(result.total_norm, batch.sharding))
+        elif unclipped:
+            result = self._check_unclipped(result, unclipped, grad_scale)
         if len(positions) != n_params:
             full = result.param_norms.new_zeros(n_params)
             index = index_tensor(positions, full.device)
             result = result._replace(param_norms=full.index_copy_(0, index, result.param_norms))
         return result, fold
 
-    def _check_unclipped(self, result: modes.ClipResult, batch: GradBatch, grad_scale: Tensor | None):
-        """Opted-out groups are not clipped, but they are unscaled, and NaN/Inf in them still
-        counts: their norms' sum is folded into ``total_norm`` only through its finiteness."""
+    def _check_unclipped(self, result: modes.ClipResult, unclipped: list[Tensor], grad_scale: Tensor | None):
+        """Opted-out groups are not clipped, but NaN/Inf in them still counts: their norms'
+        sum is folded into ``total_norm`` only through its finiteness."""
+        norms = self._unclipped_norms(unclipped, grad_scale)
+        poison = total_norm(norms, self.config.norm_type, result.total_norm.device)[0] * 0
+        return result._replace(total_norm=result.total_norm + poison)
+
+    def _unclipped_norms(self, unclipped: list[Tensor], grad_scale: Tensor | None) -> list[Tensor]:
+        """The opted-out gradients' norms (this rank's pieces), after unscaling them in place."""
+        local, _ = distributed.local_grads(unclipped, self._reduction)
+        batch = GradBatch(local, self.config.foreach)
         if grad_scale is not None:
             scale_(batch, grad_scale.reciprocal())
-        norms = tensor_norms(batch, self.config.norm_type)
-        # total_norm reduces over the ranks when sharded: a NaN on one rank poisons all of them.
-        poison = total_norm(norms, self.config.norm_type, result.total_norm.device, batch.sharding)[0] * 0
-        return result._replace(total_norm=result.total_norm + poison)
+        return tensor_norms(batch, self.config.norm_type)
 
     def _gather_grads(self) -> tuple[list[Tensor], list[Tensor], list[int], int, list[Tensor]]:
         """The gradients to clip, their positions in optimizer order, the others, the number

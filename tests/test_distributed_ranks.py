@@ -1,0 +1,145 @@
+"""Ranks never diverge: every rank runs the same collectives and ends each step (and each load)
+with the same clip state, equal to one process's, whatever its own groups, gradients, dtypes
+or slice of the model. One regression test per way they used to diverge (2 gloo processes).
+
+Uses the spawn harness of test_distributed.py (collective timeouts, the gloo exit flake).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from test_distributed import _data, _fsdp2_model, _half, _loss, _model, _spawn
+
+from clipped_optim import ClipGradScaler, ClippedOptimizer
+from clipped_optim import distributed as cdist
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _gather(value: float) -> list[float]:
+    """``value`` from every rank (float64, so the comparison is to the bit)."""
+    mine = torch.tensor([value], dtype=torch.float64)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [float(t) for t in every]
+
+
+def _broadcast_owned(params: list[torch.Tensor], world: int) -> None:
+    """ZeRO-style: the owner of each parameter (index modulo world) sends its update."""
+    for i, p in enumerate(params):
+        dist.broadcast(p.data, src=i % world)
+
+
+# -- 1. an opted-out group on some ranks only ----------------------------------------------
+HEAD = 4  # the last weight: owned by rank 0 under params[rank::2], opted out of clipping
+NAN_STEP = 3  # a NaN in the opted-out head: every rank must skip
+
+
+def _optout_groups(params: list[torch.Tensor], owned: list[torch.Tensor], head: torch.Tensor) -> list[dict]:
+    groups = [{"params": [p for p in owned if p is not head]}]
+    if any(p is head for p in owned):
+        groups.append({"params": [head], "clip": False})
+    return groups
+
+
+def _run_optout(model: nn.Module, opt, rank: int, world: int, sharded: bool):
+    params = list(model.parameters())
+    norms, skipped = [], []
+    for step in range(5):
+        model.zero_grad()
+        _loss(model, *_data(step)).backward()
+        if step == NAN_STEP:
+            params[HEAD].grad.view(-1)[0] = math.nan
+        opt.step()
+        if sharded:
+            _broadcast_owned(params, world)
+        norms.append(float(opt.state["clip"]["grad_norm"]))
+        skipped.append(int(opt.state["clip"]["skipped_steps"]))
+    return norms, skipped
+
+
+def _optout_worker(rank: int, world: int) -> None:
+    ref_model = _model()
+    params = list(ref_model.parameters())
+    ref_opt = ClippedOptimizer(torch.optim.SGD(_optout_groups(params, params, params[HEAD]), lr=0.1), max_norm=0.5)
+    ref_norms, ref_skipped = _run_optout(ref_model, ref_opt, rank, world, sharded=False)
+    assert ref_skipped[NAN_STEP] == 1
+
+    model = _model()
+    params = list(model.parameters())
+    owned = params[rank::world]
+    opt = ClippedOptimizer(
+        torch.optim.SGD(_optout_groups(params, owned, params[HEAD]), lr=0.1),
+        max_norm=0.5,
+        process_group=dist.group.WORLD,
+    )
+    norms, skipped = _run_optout(model, opt, rank, world, sharded=True)
+    assert skipped == ref_skipped
+    for step, (got, want) in enumerate(zip(norms, ref_norms)):
+        if step != NAN_STEP:
+            assert math.isclose(got, want, rel_tol=1e-5), (step, norms, ref_norms)
+    assert math.isnan(norms[NAN_STEP])
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, **TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_opt_out_group_on_one_rank_only_matches_one_process():
+    _spawn(_optout_worker, 2)
+
+
+# -- 3. the reduction's dtype does not depend on this rank's gradients -------------------
+def _dtype_worker(rank: int, world: int) -> None:
+    # Rank 0 owns a float64 parameter, rank 1 a float32 one; SGD(lr=1) from zero: p = -clipped grad.
+    a = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float32, requires_grad=True)
+    mine = a if rank == 0 else b
+    opt = ClippedOptimizer(torch.optim.SGD([mine], lr=1.0), max_norm=1.0, process_group=dist.group.WORLD)
+    mine.grad = torch.ones_like(mine)
+    opt.step()
+    norm = float(opt.state["clip"]["grad_norm"])
+    assert math.isclose(norm, math.sqrt(6), rel_tol=1e-6), norm
+    torch.testing.assert_close(mine.detach(), torch.full_like(mine, -1 / (math.sqrt(6) + 1e-6)))
+
+    # A step where rank 0 has no gradient at all: it still joins, with the same dtype.
+    opt.zero_grad()
+    if rank == 1:
+        b.grad = torch.full_like(b, 2.0)
+    opt.step()
+    assert math.isclose(float(opt.state["clip"]["grad_norm"]), math.sqrt(12), rel_tol=1e-6)
+    assert _gather(float(opt.state["clip"]["grad_norm"]))[0] == _gather(float(opt.state["clip"]["grad_norm"]))[1]
+
+    # inf-norm, an inf on rank 1 only: the reduced norm is inf on both ranks, both skip.
+    opt = ClippedOptimizer(torch.optim.SGD([mine], lr=1.0), norm_type=math.inf, process_group=dist.group.WORLD)
+    mine.grad = torch.ones_like(mine)
+    if rank == 1:
+        mine.grad[0] = math.inf
+    before = mine.detach().clone()
+    opt.step()
+    assert math.isinf(float(opt.state["clip"]["grad_norm"]))
+    assert int(opt.state["clip"]["skipped_steps"]) == 1
+    assert torch.equal(mine.detach(), before)
+    # ... and a NaN there: NaN, as one process's max over the same values (MAX may drop a NaN).
+    mine.grad = torch.ones_like(mine)
+    if rank == 1:
+        mine.grad[0] = math.nan
+    opt.step()
+    assert math.isnan(float(opt.state["clip"]["grad_norm"]))
+    assert int(opt.state["clip"]["skipped_steps"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_reduction_dtype_is_the_same_on_every_rank():
+    _spawn(_dtype_worker, 2)
