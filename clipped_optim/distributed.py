@@ -333,19 +333,45 @@ def get_optimizer_state_dict(model: torch.nn.Module, optimizer: Any, options: An
 def set_optimizer_state_dict(
     model: torch.nn.Module, optimizer: Any, optim_state_dict: dict[str, Any], options: Any = None
 ) -> None:
-    """Load what :func:`get_optimizer_state_dict` returned (statistics included)."""
+    """Load what :func:`get_optimizer_state_dict` returned (statistics included).
+
+    With ``options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)`` only
+    rank 0 needs the state dict (the others may pass ``{}``, as torch's helper expects): the
+    statistics are broadcast from rank 0 as the rest is, so every rank resumes with rank 0's.
+    ``param_norms`` (each rank's own pieces; a checkpoint holds one rank's) is left empty
+    until the next step. Every rank must call it.
+    """
     from torch.distributed.checkpoint import state_dict as sd
 
     osd = dict(optim_state_dict)
     clip = osd.pop(CLIP_KEY, None)
+    if options is not None and getattr(options, "broadcast_from_rank0", False):
+        clip = _from_rank0(clip)
     inner, current = _inner_and_stats(optimizer)
+    config = getattr(optimizer, "config", None)
+    restored = None
     try:
+        if current is not None and config is not None:  # validate before anything is loaded
+            restored = _restore(clip, config, current["steps"].device)
         sd.set_optimizer_state_dict(model, inner, osd, options=options)
     finally:
         if current is not None:
             inner.state[CLIP_KEY] = current
-    config = getattr(optimizer, "config", None)
-    if current is not None and config is not None:
-        if isinstance(clip, (bytes, bytearray)):
-            clip = torch.load(io.BytesIO(clip), weights_only=True)
-        inner.state[CLIP_KEY] = restore_clip_state(clip, config.mode, current["steps"].device)
+    if restored is not None:
+        inner.state[CLIP_KEY] = restored
+
+
+def _from_rank0(clip: Any) -> Any:
+    """Rank 0's ``clip`` on every rank: over the default group from global rank 0, as torch's
+    ``broadcast_from_rank0`` broadcasts the rest of the state."""
+    box = [clip if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _restore(clip: Any, config: Any, device: torch.device) -> dict[str, Any]:
+    if isinstance(clip, (bytes, bytearray)):
+        clip = torch.load(io.BytesIO(clip), weights_only=True)
+    state = restore_clip_state(clip, config.mode, device, config.history_size)
+    state["param_norms"] = torch.zeros(0, dtype=torch.float32, device=device)
+    return state

@@ -99,6 +99,62 @@ def test_opt_out_group_on_one_rank_only_matches_one_process():
     _spawn(_optout_worker, 2)
 
 
+# -- 2. full-state resume, broadcast from rank 0 -------------------------------------------
+ZCLIP = dict(mode="zclip", warmup_steps=3, max_norm=None)
+SPIKE_STEP = 7
+
+
+def _train_spiky(model, opt, rank: int, world: int, steps) -> list[tuple[float, float]]:
+    seen = []
+    for step in steps:
+        opt.zero_grad()
+        x, y = _data(step)
+        factor = 30.0 if step == SPIKE_STEP else 1.0
+        (_loss(model, _half(x, rank, world), _half(y, rank, world)) * factor).backward()
+        opt.step()
+        seen.append((float(opt.state["clip"]["threshold"]), float(opt.state["clip"]["clip_coef"])))
+    return seen
+
+
+def _broadcast_resume_worker(rank: int, world: int) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    model = _fsdp2_model(world)
+    opt = ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), **ZCLIP)
+    _train_spiky(model, opt, rank, world, range(6))
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # Copies, as a checkpoint on disk would be: torch hands back AdamW's live 0-dim `step`
+    # tensors, and a load keeps them, so two runs in one process would share them.
+    model_sd = copy.deepcopy(get_model_state_dict(model, options=full))
+    optim_sd = copy.deepcopy(cdist.get_optimizer_state_dict(model, opt, options=full))
+    saved = {k: v.clone() for k, v in opt.state["clip"].items() if isinstance(v, torch.Tensor)}
+    expected = _train_spiky(model, opt, rank, world, range(6, 9))
+    expected_params = [p.detach().full_tensor() for p in model.parameters()]
+
+    # As torch's helpers expect: rank 0 passes the full state, the others an empty dict.
+    model2 = _fsdp2_model(world)
+    opt2 = ClippedOptimizer(torch.optim.AdamW(model2.parameters(), lr=0.05), **ZCLIP)
+    load = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model2, model_sd if rank == 0 else {}, options=load)
+    cdist.set_optimizer_state_dict(model2, opt2, optim_sd if rank == 0 else {}, options=load)
+    clip = opt2.state["clip"]
+    assert int(clip["steps"]) == 6, (rank, int(clip["steps"]))
+    for key in ("zclip_mean", "zclip_var", "zclip_seen", "zclip_warmup", "history", "clipped_steps"):
+        assert torch.equal(clip[key], saved[key]), (rank, key)
+    assert _gather(float(clip["zclip_mean"]))[0] == _gather(float(clip["zclip_mean"]))[1]
+    resumed = _train_spiky(model2, opt2, rank, world, range(6, 9))
+    assert resumed[SPIKE_STEP - 6][1] < 1  # the spike is clipped, on every rank alike
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(expected), **TOL)
+    for p, q in zip(model2.parameters(), expected_params):
+        torch.testing.assert_close(p.detach().full_tensor(), q, **TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_full_state_resume_broadcast_from_rank0_restores_clip_state_on_every_rank():
+    _spawn(_broadcast_resume_worker, 2)
+
+
 # -- 3. the reduction's dtype does not depend on this rank's gradients -------------------
 def _dtype_worker(rank: int, world: int) -> None:
     # Rank 0 owns a float64 parameter, rank 1 a float32 one; SGD(lr=1) from zero: p = -clipped grad.
@@ -143,3 +199,34 @@ def _dtype_worker(rank: int, world: int) -> None:
 @pytest.mark.timeout(120)
 def test_reduction_dtype_is_the_same_on_every_rank():
     _spawn(_dtype_worker, 2)
+
+
+# -- 4. DCP resume keeps the norm history --------------------------------------------------
+def _history_worker(rank: int, world: int, ckpt_dir: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model = _fsdp2_model(world)
+    opt = ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), max_norm=0.5, history_size=1000)
+    _train_spiky(model, opt, rank, world, range(3))
+    dcp.save({"model": get_model_state_dict(model), "optim": cdist.get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt_dir)
+
+    model2 = _fsdp2_model(world)
+    opt2 = ClippedOptimizer(torch.optim.AdamW(model2.parameters(), lr=0.05), max_norm=0.5, history_size=1000)
+    state = {"model": get_model_state_dict(model2), "optim": cdist.get_optimizer_state_dict(model2, opt2)}
+    dcp.load(state, checkpoint_id=ckpt_dir)
+    set_model_state_dict(model2, state["model"])
+    cdist.set_optimizer_state_dict(model2, opt2, state["optim"])
+    clip, saved = opt2.state["clip"], opt.state["clip"]
+    assert "history" in clip, "the history was dropped"
+    assert torch.equal(clip["history"], saved["history"])
+    assert torch.equal(clip["history_start"], saved["history_start"])
+    report = opt2.report()
+    assert report.total_steps == 3 and report.steps == [0, 1, 2], report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_dcp_resume_keeps_the_norm_history():
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+        _spawn(_history_worker, 2, ckpt_dir)
