@@ -30,6 +30,12 @@ included): each decision about a collective is taken from what is identical on e
   rank's power sum, and a flag for the opted-out groups (``"clip": False``), 0 or NaN, so a
   NaN/Inf there skips the step on every rank. A rank with no opted-out group sends 0; the
   flags cost no second collective.
+* The first sharded step makes one check, with one small all-gather and one host sync
+  (:func:`before_step`): same options and same clip state on every rank, and gradients laid
+  out as the plan says. Only then: a collective must be triggered by an event every rank
+  sees (the construction), never by one rank's own (a load, an ``add_param_group`` on the
+  rank owning the new group), or a rank that skipped it would hang the others.
+
 A mode that measures the gradients (the adaptive ones too) gets all of this by reducing
 through ``norms.total_norm(..., batch.sharding)``: ``GradBatch.sharding`` is set by the wrapper
 and is ``None`` when nothing is sharded.
@@ -41,8 +47,11 @@ every rank takes the same skip decision and records what one process would.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import math
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -65,6 +74,8 @@ __all__ = [
     "reduce_total_norm",
     "attach_unclipped",
     "add_unclipped",
+    "before_step",
+    "check_ranks",
     "get_optimizer_state_dict",
     "set_optimizer_state_dict",
 ]
@@ -82,42 +93,86 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
+def _is_dtensor(t: Any) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
 def check_process_group(value: Any) -> Any:
-    """``process_group`` must be ``None`` or a ``torch.distributed.ProcessGroup``."""
+    """``process_group`` must be ``None`` or a ``torch.distributed.ProcessGroup`` holding this rank."""
     if value is None:
         return None
+    if dist.is_available() and value is dist.GroupMember.NON_GROUP_MEMBER:
+        # dist.new_group returns this placeholder to the ranks outside the new group.
+        raise ValueError(_not_a_member())
     if not dist.is_available() or not isinstance(value, dist.ProcessGroup):
         raise ValueError(
             f"ClippedOptimizer: invalid process_group={value!r}; expected None or a "
             "torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD or dist.new_group(...))"
         )
+    if dist.get_rank(value) < 0:
+        raise ValueError(_not_a_member())
     return value
+
+
+def _not_a_member() -> str:
+    return (
+        f"ClippedOptimizer: this rank (global rank {dist.get_rank()}) is not a member of process_group; "
+        "the norm is reduced over that group, so every rank that steps this optimizer must be in it. "
+        "Pass a group holding this rank (dist.new_group(ranks) hands the ranks outside it a placeholder)."
+    )
 
 
 class Reduction:
     """Where a step's norm is reduced: ``group``, and whether plain (non-DTensor) gradients
-    are slices of it (``plain_shared``: a user's ``process_group``) or complete replicas."""
+    are slices of it (``plain_shared``: a user's ``process_group``) or complete replicas.
 
-    __slots__ = ("group", "plain_shared")
+    ``checked``: whether the ranks were found to agree (:func:`before_step`, at the first step).
+    """
+
+    __slots__ = ("group", "plain_shared", "checked")
 
     def __init__(self, group: Any, plain_shared: bool) -> None:
         self.group, self.plain_shared = group, plain_shared
+        self.checked = False
 
 
-def plan_reduction(config: Any, param_groups: Iterable[dict[str, Any]]) -> Reduction | None:
+def plan_reduction(
+    config: Any, param_groups: Iterable[dict[str, Any]], previous: Reduction | None = None
+) -> Reduction | None:
     """Where a ClippedOptimizer reduces its norm, or ``None`` when no collective is needed.
 
     Per-parameter clipping needs each parameter's full norm, which the one scalar collective
     does not give: it is refused with sharded gradients rather than clipping each shard alone.
+    A new plan over the group of ``previous`` (an ``add_param_group``, perhaps on one rank
+    only) keeps its check: checking again would be a collective only that rank runs.
     """
     params = [p for g in param_groups for p in g["params"]]
+    if config.process_group is None:
+        _refuse_fsdp1_shards(params)
     reduction = _reduction(params, config.process_group)
     if reduction is not None and config.mode == "per_param":
         raise ValueError(
             "ClippedOptimizer: mode='per_param' is not supported with sharded gradients (DTensor "
             "parameters or process_group=): a shard's norm is not its parameter's norm; use mode='norm'"
         )
+    if reduction is not None and previous is not None and previous.group is reduction.group:
+        reduction.checked = previous.checked
     return reduction
+
+
+def _refuse_fsdp1_shards(params: Iterable[Tensor]) -> None:
+    """FSDP1 without ``use_orig_params`` hands the optimizer its flat parameters; under a
+    sharding strategy each rank's is a slice, which only FSDP's own attributes tell."""
+    for p in params:
+        sharded = getattr(p, "_sharded_size", None)
+        if getattr(p, "_is_flat_param", False) and sharded is not None and sharded != getattr(p, "_unpadded_unsharded_size", sharded):
+            raise ValueError(
+                "ClippedOptimizer: the parameters are FSDP (FullyShardedDataParallel) flat parameters "
+                "sharded over ranks: each rank holds a slice of every gradient, and without process_group= "
+                "each rank would clip by the norm of its own slice. Pass process_group= the group they are "
+                "sharded over (the FSDP module's process_group; under HYBRID_SHARD its shard group)."
+            )
 
 
 def _reduction(params: Iterable[Tensor], process_group: Any) -> Reduction | None:
@@ -289,6 +344,203 @@ def add_unclipped(total: Tensor, sharding: Sharding) -> Tensor:
     if sharding.unclipped_global is None:
         reduce_total_norm(total.new_zeros(0), 2.0, sharding)
     return total + (sharding.unclipped_global * 0).to(total.dtype)
+
+
+# -- the ranks agree ---------------------------------------------------------------------
+def before_step(
+    reduction: Reduction | None,
+    config: Any,
+    param_groups: Sequence[dict[str, Any]],
+    clip_state: dict[str, Any],
+    found_inf: Tensor | None,
+    found_inf_is_global: bool,
+) -> None:
+    """What a sharded step checks before it changes anything.
+
+    * A GradScaler's overflow flag must be the global one (``found_inf_is_global``: the step
+      fills it from the reduced norm, as under :class:`~clipped_optim.ClipGradScaler`);
+      ``torch.amp.GradScaler``'s is this rank's own, and the ranks' scales would drift apart.
+    * At the first step: :func:`check_ranks`, one all-gather and one host sync. Not after a
+      load: a load may happen on some ranks only (that is the mistake worth catching), and a
+      collective that only those ranks run would hang; call :func:`check_ranks` on every
+      rank after loading to check it.
+
+    Nothing without a reduction: that path has no collective, and adding one would hang an
+    optimizer that only some ranks step.
+    """
+    if reduction is None:
+        return
+    if found_inf is not None and not found_inf_is_global:
+        raise ValueError(
+            "ClippedOptimizer: with sharded gradients (process_group= or DTensor parameters) the overflow "
+            "flag of a torch.amp.GradScaler is this rank's own: only the rank holding the inf would back off "
+            "its scale, and the ranks' scales would drift apart. Use clipped_optim.ClipGradScaler (same "
+            "arguments), whose flag the step fills from the reduced norm, and call scaler.step(opt) without "
+            "scaler.unscale_(opt) before it."
+        )
+    if not reduction.checked:
+        _agree(reduction.group, reduction.plain_shared, config, param_groups, clip_state)
+        reduction.checked = True
+
+
+def check_ranks(optimizer: Any, group: Any = None) -> None:
+    """Check that the ranks agree, with one all-gather over ``group`` and one host sync.
+
+    The same options and clip state on every rank, and plain (non-DTensor) gradients laid out
+    as the optimizer takes them: slices of the whole, disjoint across ranks, with
+    ``process_group=``; complete replicas (DDP) without. Every rank of ``group`` must call it,
+    after ``backward()`` and before ``step()``. A sharded optimizer makes this check by itself
+    at its first step; without ``process_group=`` nothing is checked unless this is called
+    (e.g. once, after the first backward), since that path has no collective of its own.
+
+    Args:
+        optimizer: a :class:`~clipped_optim.ClippedOptimizer`.
+        group: the ranks to compare (default: the group the norm is reduced over, else the world).
+
+    Raises:
+        ValueError: the options differ, or the gradients are not laid out as the optimizer
+            takes them. RuntimeError: the clip states differ.
+    """
+    reduction = getattr(optimizer, "_reduction", None)
+    if group is None:
+        group = dist.group.WORLD if reduction is None else reduction.group
+    slices = reduction is not None and reduction.plain_shared
+    clip_state = optimizer.state[CLIP_KEY]
+    _agree(group, slices, optimizer.config, optimizer.param_groups, clip_state)
+
+
+def _agree(group: Any, slices: bool, config: Any, param_groups: Sequence[dict[str, Any]], clip_state: dict[str, Any]) -> None:
+    mine = _descriptor(config, param_groups, clip_state)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    rows = torch.stack(every).tolist()  # the one host sync
+    ranks = dist.get_process_group_ranks(group)
+    _check_options(rows, ranks)
+    _check_clip_state(rows, ranks)
+    if slices:
+        _check_slices(rows, ranks)
+    else:
+        _check_replicas(rows, ranks)
+
+
+# Columns of a rank's descriptor (int64).
+_OPTIONS, _STATE, _STEPS, _PLAIN, _POWER, _FINITE = range(6)
+
+
+def _descriptor(config: Any, param_groups: Sequence[dict[str, Any]], clip_state: dict[str, Any]) -> Tensor:
+    """This rank's options, clip state and plain gradients, as six int64 (digests and bits)."""
+    device = clip_state["steps"].device
+    plain = [p for g in param_groups for p in g["params"] if not _is_dtensor(p)]
+    layout = [(tuple(p.shape), str(p.dtype), p.grad is not None) for p in plain]
+    power = _power([p.grad for p in plain if p.grad is not None])
+    values = [
+        _digest(repr(_options(config))),
+        _digest(_state_bytes(clip_state)),
+        int(clip_state["steps"]),
+        _digest(repr(layout)),
+        struct.unpack("<q", struct.pack("<d", power))[0],  # the float64's bits
+        int(math.isfinite(power) and power > 0),
+    ]
+    return torch.tensor(values, dtype=torch.int64).to(device)
+
+
+def _options(config: Any) -> list[tuple[str, Any]]:
+    # foreach and process_group may differ per rank (a kernel choice; group objects are per process).
+    skip = {"process_group", "foreach"}
+    return [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config) if f.name not in skip]
+
+
+def _power(grads: Sequence[Tensor]) -> float:
+    """The sum of squares of ``grads`` in float64 (a fingerprint, not the norm of any mode),
+    summed on each device and read once per device."""
+    sums: dict[torch.device, Tensor] = {}
+    for g in grads:
+        values = (g.coalesce()._values() if g.is_sparse else g).detach()
+        square = values.double().pow(2).sum()
+        sums[values.device] = square if values.device not in sums else sums[values.device] + square
+    return sum(float(s) for s in sums.values())
+
+
+def _state_bytes(clip_state: dict[str, Any]) -> bytes:
+    """The clip state as bytes, but for ``param_norms`` (each rank's own pieces)."""
+    out = io.BytesIO()
+    for key in sorted(clip_state):
+        if key == "param_norms":
+            continue
+        value = clip_state[key]
+        out.write(key.encode())
+        if isinstance(value, Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            out.write(f"{t.dtype}{tuple(value.shape)}".encode())
+            out.write(t.view(torch.uint8).numpy().tobytes())
+        else:
+            out.write(repr(value).encode())
+    return out.getvalue()
+
+
+def _digest(data: str | bytes) -> int:
+    raw = data.encode() if isinstance(data, str) else data
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little", signed=True)
+
+
+def _check_options(rows: list[list[int]], ranks: list[int]) -> None:
+    if len({row[_OPTIONS] for row in rows}) > 1:
+        raise ValueError(
+            "ClippedOptimizer: the ranks of the norm's process group were built with different clip options "
+            f"(ranks by their options: {_classes(rows, ranks, _OPTIONS)}); every rank must pass the same mode, "
+            "max_norm, norm_type and the rest, or they clip by different rules and run different collectives."
+        )
+
+
+def _check_clip_state(rows: list[list[int]], ranks: list[int]) -> None:
+    if len({row[_STATE] for row in rows}) > 1:
+        steps = {rank: row[_STEPS] for rank, row in zip(ranks, rows)}
+        raise RuntimeError(
+            f"ClippedOptimizer: the ranks hold different clip states (steps by rank: {steps}): a checkpoint "
+            "was loaded on some ranks only, or different ones were. Load the same clip state on every rank; "
+            "for a full state dict that only rank 0 reads, clipped_optim.distributed.set_optimizer_state_dict "
+            "with StateDictOptions(full_state_dict=True, broadcast_from_rank0=True) broadcasts it."
+        )
+
+
+def _check_slices(rows: list[list[int]], ranks: list[int]) -> None:
+    """With ``process_group=`` every plain gradient is counted on its rank: two ranks holding
+    the same ones (DDP, HSDP replicas, ZeroRedundancyOptimizer) would count them twice."""
+    seen: dict[tuple[int, int], int] = {}
+    for rank, row in zip(ranks, rows):
+        if not row[_FINITE]:  # no gradient, or a zero or NaN one: no evidence either way
+            continue
+        key = (row[_PLAIN], row[_POWER])
+        if key in seen:
+            raise ValueError(
+                f"ClippedOptimizer: process_group= says each rank's gradients are slices of the whole, but "
+                f"ranks {seen[key]} and {rank} hold identical ones, as under DDP (or across HSDP replicas, or "
+                "with torch's ZeroRedundancyOptimizer, which keeps every gradient): they would be counted once "
+                "per rank and the norm come out too large. Under DDP pass no process_group=; otherwise pass "
+                "the group over which the slices are disjoint."
+            )
+        seen[key] = rank
+
+
+def _check_replicas(rows: list[list[int]], ranks: list[int]) -> None:
+    """Without ``process_group=`` plain gradients are taken as complete replicas and added on
+    each rank alone: ranks holding different ones would clip by different norms."""
+    if len({(row[_PLAIN], row[_POWER]) for row in rows}) > 1:
+        raise ValueError(
+            "ClippedOptimizer: the plain (non-DTensor) gradients differ across ranks "
+            f"(ranks by their gradients: {_classes(rows, ranks, _PLAIN, _POWER)}), but without process_group= "
+            "they are taken as complete replicas (as DDP leaves them) and each rank would clip by the norm of "
+            "its own. If each rank holds a slice of the model (ZeRO-style, FSDP1 with use_orig_params=True, "
+            "pipeline stages), pass process_group= the group over which the slices make up the whole."
+        )
+
+
+def _classes(rows: list[list[int]], ranks: list[int], *columns: int) -> list[list[int]]:
+    """The ranks grouped by the values in ``columns`` (for messages)."""
+    by_key: dict[tuple[int, ...], list[int]] = {}
+    for rank, row in zip(ranks, rows):
+        by_key.setdefault(tuple(row[c] for c in columns), []).append(rank)
+    return list(by_key.values())
 
 
 # -- checkpoints -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import amp, distributed, modes, stats
-from .amp_scaler import report_found_inf
+from .amp_scaler import fills_found_inf, report_found_inf
 from .dispatch import is_scalar, run_mode
 from .config import ClipConfig
 from .flat import FlatGrads
@@ -218,6 +218,11 @@ class ClippedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = amp.scaler_args(self)
+        # Sharded: refuse a rank-local overflow flag; at the first step, check that the
+        # ranks agree (see clipped_optim.distributed.before_step).
+        distributed.before_step(
+            self._reduction, self.config, self.param_groups, self._clip_state(), found_inf, fills_found_inf(self)
+        )
         fused = amp.folds_into_kernel(self.optimizer)
         result, folded, finite, skip, found_inf = self._clip_and_record(grad_scale, found_inf, fused and self._can_fold())
         must_raise = self.config.nonfinite == "raise" and found_inf is None
@@ -447,6 +452,12 @@ class ClippedOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
+        # A new group may change where the norm is reduced (DTensor parameters).
+        try:
+            self._reduction = distributed.plan_reduction(self.config, self.param_groups, self._reduction)
+        except ValueError:
+            self.optimizer.param_groups.pop()
+            raise
 
     def __getstate__(self) -> dict[str, Any]:
         # Like torch.optim.Optimizer, hooks are not pickled (they are often lambdas); nor is

@@ -52,10 +52,12 @@ def _optout_groups(params: list[torch.Tensor], owned: list[torch.Tensor], head: 
     return groups
 
 
-def _run_optout(model: nn.Module, opt, rank: int, world: int, sharded: bool):
+def _run_optout(model: nn.Module, opt, rank: int, world: int, sharded: bool, late_head: list[dict] | None = None):
     params = list(model.parameters())
     norms, skipped = [], []
     for step in range(5):
+        if step == 1 and late_head:  # the head joins later, on the rank that owns it only
+            opt.add_param_group(late_head[0])
         model.zero_grad()
         _loss(model, *_data(step)).backward()
         if step == NAN_STEP:
@@ -89,6 +91,22 @@ def _optout_worker(rank: int, world: int) -> None:
         if step != NAN_STEP:
             assert math.isclose(got, want, rel_tol=1e-5), (step, norms, ref_norms)
     assert math.isnan(norms[NAN_STEP])
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, **TOL)
+
+    # The opted-out head added by add_param_group after the first step, on its owner only:
+    # nothing is re-planned or re-checked across the ranks (a collective rank 1 would not join).
+    ref_model = _model()
+    params = list(ref_model.parameters())
+    groups = _optout_groups(params, params, params[HEAD])
+    ref_opt = ClippedOptimizer(torch.optim.SGD(groups[:1], lr=0.1), max_norm=0.5)
+    ref_norms, _ = _run_optout(ref_model, ref_opt, rank, world, sharded=False, late_head=groups[1:])
+    model = _model()
+    params = list(model.parameters())
+    groups = _optout_groups(params, params[rank::world], params[HEAD])
+    opt = ClippedOptimizer(torch.optim.SGD(groups[:1], lr=0.1), max_norm=0.5, process_group=dist.group.WORLD)
+    norms, _ = _run_optout(model, opt, rank, world, sharded=True, late_head=groups[1:])
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-5, atol=1e-6, equal_nan=True)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, **TOL)
 
@@ -230,3 +248,113 @@ def _history_worker(rank: int, world: int, ckpt_dir: str) -> None:
 def test_dcp_resume_keeps_the_norm_history():
     with tempfile.TemporaryDirectory() as ckpt_dir:
         _spawn(_history_worker, 2, ckpt_dir)
+
+
+# -- 5. process_group= with a GradScaler ---------------------------------------------------
+INF_STEP = 1
+
+
+def _scaled_steps(model: nn.Module, opt, scaler, owned_by, world: int) -> list[float]:
+    params = list(model.parameters())
+    scales = []
+    for step in range(4):
+        model.zero_grad()
+        scaler.scale(_loss(model, *_data(step))).backward()
+        if step == INF_STEP:
+            params[1].grad[0] = math.inf  # owned by rank 1 under params[rank::2]
+        scaler.step(opt)
+        scaler.update()
+        if owned_by is not None:
+            _broadcast_owned(params, world)
+        scales.append(float(scaler.get_scale()))
+    return scales
+
+
+def _scaler_worker(rank: int, world: int) -> None:
+    # torch.amp.GradScaler sees this rank's slice only: refused, saying what to use instead.
+    model = _model()
+    owned = list(model.parameters())[rank::world]
+    opt = ClippedOptimizer(torch.optim.SGD(owned, lr=0.1), max_norm=0.5, process_group=dist.group.WORLD)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(_loss(model, *_data(0))).backward()
+    with pytest.raises(ValueError, match="ClipGradScaler"):
+        scaler.step(opt)
+
+    # ClipGradScaler: the overflow flag is the global one; the scales agree with one process.
+    ref = _model()
+    ref_opt = ClippedOptimizer(torch.optim.SGD(ref.parameters(), lr=0.1), max_norm=0.5)
+    ref_scales = _scaled_steps(ref, ref_opt, ClipGradScaler("cpu", init_scale=2.0**10, growth_interval=2), None, world)
+    assert ref_scales[INF_STEP] == 2.0**9
+    model = _model()
+    owned = list(model.parameters())[rank::world]
+    opt = ClippedOptimizer(torch.optim.SGD(owned, lr=0.1), max_norm=0.5, process_group=dist.group.WORLD)
+    scales = _scaled_steps(model, opt, ClipGradScaler("cpu", init_scale=2.0**10, growth_interval=2), rank, world)
+    assert scales == ref_scales
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, **TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_process_group_with_grad_scaler_keeps_scales_equal_or_refuses():
+    _spawn(_scaler_worker, 2)
+
+
+# -- 6. misuse that used to go silent ------------------------------------------------------
+def _misuse_worker(rank: int, world: int) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # process_group= under DDP: every rank holds the same complete gradients.
+    model = DDP(_model())
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), process_group=dist.group.WORLD)
+    x, y = _data(0)
+    _loss(model, _half(x, rank, world), _half(y, rank, world)).backward()
+    with pytest.raises(ValueError, match="identical"):
+        opt.step()
+    # ... and without it, the on-demand check finds the replicas it expects.
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    cdist.check_ranks(opt)
+
+    # Manual slices without process_group=: refused by the explicit check.
+    model = _model()
+    owned = list(model.parameters())[rank::world]
+    opt = ClippedOptimizer(torch.optim.SGD(owned, lr=0.1))
+    _loss(model, *_data(0)).backward()
+    with pytest.raises(ValueError, match="process_group"):
+        cdist.check_ranks(opt)
+
+    # Options that differ between ranks.
+    opt = ClippedOptimizer(torch.optim.SGD(owned, lr=0.1), max_norm=0.5 + rank, process_group=dist.group.WORLD)
+    with pytest.raises(ValueError, match="options"):
+        opt.step()
+
+    # A clip state loaded on rank 0 only.
+    opt = ClippedOptimizer(torch.optim.SGD(owned, lr=0.1), process_group=dist.group.WORLD)
+    opt.step()
+    if rank == 0:
+        saved = opt.state_dict()
+        opt = ClippedOptimizer(torch.optim.SGD(owned, lr=0.1), process_group=dist.group.WORLD)
+        opt.load_state_dict(saved)
+    else:
+        opt = ClippedOptimizer(torch.optim.SGD(owned, lr=0.1), process_group=dist.group.WORLD)
+    with pytest.raises(RuntimeError, match="steps"):
+        opt.step()
+
+    # A group this rank is not in.
+    alone = dist.new_group([0])
+    if rank == 1:
+        with pytest.raises(ValueError, match="not a member"):
+            ClippedOptimizer(torch.optim.SGD(owned, lr=0.1), process_group=alone)
+
+    # FSDP1 flat parameters are shards: without process_group= refused at construction.
+    sharded = FSDP(_model(), use_orig_params=False, device_id=torch.device("cpu"))
+    with pytest.raises(ValueError, match="process_group"):
+        ClippedOptimizer(torch.optim.SGD(sharded.parameters(), lr=0.1))
+    ClippedOptimizer(torch.optim.SGD(sharded.parameters(), lr=0.1), process_group=dist.group.WORLD)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_misuse_of_process_group_is_detected():
+    _spawn(_misuse_worker, 2)
