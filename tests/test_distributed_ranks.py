@@ -347,6 +347,13 @@ def _misuse_worker(rank: int, world: int) -> None:
         with pytest.raises(ValueError, match="not a member"):
             ClippedOptimizer(torch.optim.SGD(owned, lr=0.1), process_group=alone)
 
+    # FSDP1 with use_orig_params=True: slices nothing marks as such; check_ranks finds them.
+    sliced = FSDP(_model(), use_orig_params=True, device_id=torch.device("cpu"))
+    opt = ClippedOptimizer(torch.optim.SGD(sliced.parameters(), lr=0.1))
+    _loss(sliced, *_data(0)).backward()
+    with pytest.raises(ValueError, match="process_group"):
+        cdist.check_ranks(opt)
+
     # FSDP1 flat parameters are shards: without process_group= refused at construction.
     sharded = FSDP(_model(), use_orig_params=False, device_id=torch.device("cpu"))
     with pytest.raises(ValueError, match="process_group"):
