@@ -165,8 +165,9 @@ def _refuse_fsdp1_shards(params: Iterable[Tensor]) -> None:
     """FSDP1 without ``use_orig_params`` hands the optimizer its flat parameters; under a
     sharding strategy each rank's is a slice, which only FSDP's own attributes tell."""
     for p in params:
-        sharded = getattr(p, "_sharded_size", None)
-        if getattr(p, "_is_flat_param", False) and sharded is not None and sharded != getattr(p, "_unpadded_unsharded_size", sharded):
+        sharded = getattr(p, "_sharded_size", None)  # set by FSDP on flat parameters only
+        whole = getattr(p, "_unpadded_unsharded_size", sharded)
+        if getattr(p, "_is_flat_param", False) and sharded != whole:
             raise ValueError(
                 "ClippedOptimizer: the parameters are FSDP (FullyShardedDataParallel) flat parameters "
                 "sharded over ranks: each rank holds a slice of every gradient, and without process_group= "
@@ -405,15 +406,18 @@ def check_ranks(optimizer: Any, group: Any = None) -> None:
     if group is None:
         group = dist.group.WORLD if reduction is None else reduction.group
     slices = reduction is not None and reduction.plain_shared
-    clip_state = optimizer.state[CLIP_KEY]
-    _agree(group, slices, optimizer.config, optimizer.param_groups, clip_state)
+    _agree(group, slices, optimizer.config, optimizer.param_groups, optimizer._clip_state())
 
 
-def _agree(group: Any, slices: bool, config: Any, param_groups: Sequence[dict[str, Any]], clip_state: dict[str, Any]) -> None:
+def _agree(
+    group: Any, slices: bool, config: Any, param_groups: Sequence[dict[str, Any]], clip_state: dict[str, Any]
+) -> None:
+    """Gather every rank's :func:`_descriptor` and raise, on every rank alike, if they disagree
+    (``slices``: plain gradients are slices of the whole, else replicas)."""
     mine = _descriptor(config, param_groups, clip_state)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
-    rows = torch.stack(every).tolist()  # the one host sync
+    rows = torch.stack(every).tolist()  # every rank decides from the same rows
     ranks = dist.get_process_group_ranks(group)
     _check_options(rows, ranks)
     _check_clip_state(rows, ranks)
