@@ -8,7 +8,7 @@ iteration after a barrier:
 
     inner      SGD(foreach).step() alone
     local      ClippedOptimizer step, no collective (the DDP case)
-    reduced    ClippedOptimizer step with process_group=WORLD: one all-reduce of a scalar
+    reduced    ClippedOptimizer step with process_group=WORLD: one all-reduce of two numbers
     allreduce  a bare dist.all_reduce of one float32 scalar
 
 Then, on an FSDP2 model (24 sharded Linear(256, 256) blocks: 48 DTensor gradients), the

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import adaptive
+from . import adaptive, distributed
 from .amp_scaler import report_found_inf
 from .config import ClipConfig
 
@@ -41,7 +41,7 @@ class StepGate:
         spikes: whether to run the spike detector (not for a closure's re-evaluations).
     """
 
-    __slots__ = ("config", "clip_state", "found_inf", "reporter", "spikes", "poison", "finite", "hold", "skip")
+    __slots__ = ("config", "clip_state", "found_inf", "reporter", "spikes", "poison", "sharding", "finite", "hold", "skip")
 
     def __init__(
         self,
@@ -55,12 +55,16 @@ class StepGate:
         self.reporter, self.spikes = reporter, spikes
         #: 0 (or NaN) from the groups that are not clipped: their NaN/Inf must hold the step too
         self.poison: Tensor | None = None
+        #: sharded: the poison arrives with the mode's all-reduce (distributed.attach_unclipped)
+        self.sharding: Any = None
         self.finite: Tensor | None = None
         self.hold: Tensor | None = None
         self.skip: Tensor | None = None
 
     def __call__(self, total: Tensor) -> tuple[Tensor | None, Tensor]:
         """``(hold, accept)`` for the pre-clip total norm ``total`` (see ``modes.Gate``)."""
+        if self.sharding is not None:
+            self.poison = distributed.unclipped_poison(total, self.sharding)
         everything = total if self.poison is None else total + self.poison
         finite = torch.isfinite(everything)
         total_finite = finite if self.poison is None else torch.isfinite(total)

@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 
 from . import adaptive, amp, distributed, modes, stats
 from ._tensors import index_tensor
+from .amp_scaler import fills_found_inf
 from .config import DEFAULT_MAX_NORM, ClipConfig
 from .decision import StepGate
 from .dispatch import is_scalar, run_mode
@@ -291,6 +292,11 @@ class ClippedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = amp.scaler_args(self)
+        # Sharded: refuse a rank-local overflow flag; at the first step, check that the
+        # ranks agree (see clipped_optim.distributed.before_step).
+        distributed.before_step(
+            self._reduction, self.config, self.param_groups, self._clip_state(), found_inf, fills_found_inf(self)
+        )
         fused = amp.folds_into_kernel(self.optimizer)
         pending = self._prepare(grad_scale, found_inf, fused and self._can_fold())
         must_raise = self.config.nonfinite == "raise" and found_inf is None
@@ -320,7 +326,6 @@ class ClippedOptimizer(Optimizer):
             state = dict(self._clip_state())
             gate = StepGate(self.config, state, found_inf, reporter=self)
             result, folded = self._clip(grad_scale, fold, state, gate)
-            gate.settle(result.total_norm)
         return _Pending(result, folded, gate, state)
 
     def _commit(self, pending: _Pending) -> None:
@@ -415,8 +420,7 @@ class ClippedOptimizer(Optimizer):
             with torch.no_grad():
                 scratch = dict(self._clip_state())
                 gate = StepGate(self.config, scratch, spikes=False)
-                result, _ = self._clip(None, False, scratch, gate)
-                gate.settle(result.total_norm)
+                self._clip(None, False, scratch, gate)
             if self.config.nonfinite != "propagate" and bool(gate.skip):
                 raise _NonFiniteEvaluation
             return again
@@ -437,15 +441,21 @@ class ClippedOptimizer(Optimizer):
             gathered, batch = self._flat.gather(self._gather_grads, self.param_groups, self.config.foreach)
             clipped, unclipped, positions, n_params, params = gathered
         batch.set_owners(params, positions, n_params)  # for AGC and per-parameter AutoClip
-        # Sharded: every rank must join the opt-outs' all-reduce, so decide by the groups, not
-        # by which gradients this rank happens to have.
-        if unclipped or (self._reduction is not None and not self._all_groups_clipped()):
-            local, sharding = distributed.local_grads(unclipped, self._reduction)
-            gate.poison = self._unclipped_poison(GradBatch(local, self.config.foreach, sharding), grad_scale, clip_state)
         # A fused kernel takes grad_scale in float32 only: folding 1/coef would round a
         # float64 gradient's clip to float32 precision, so float64 gradients are scaled here.
         fold = fold and all(dtype != torch.float64 for _, dtype in batch.groups)
-        result = run_mode(self.config, batch, grad_scale, not fold, clip_state["steps"].device, clip_state, gate)
+        device = clip_state["steps"].device
+        if batch.sharding is not None:
+            # Sharded: the opt-outs' finiteness rides on the mode's all-reduce, sent by every
+            # rank whether or not it holds an opted-out group; the gate reads it once the mode
+            # has reduced (see clipped_optim.distributed).
+            distributed.attach_unclipped(batch.sharding, self._unclipped_norms(unclipped, grad_scale), device)
+            gate.sharding = batch.sharding
+        elif unclipped:  # measured before the mode runs, so that the gate holds the clipped gradients too
+            norms = self._unclipped_norms(unclipped, grad_scale)
+            gate.poison = total_norm(norms, self.config.norm_type, device)[0] * 0
+        result = run_mode(self.config, batch, grad_scale, not fold, device, clip_state, gate)
+        gate.settle(result.total_norm)
         if gate.poison is not None:
             result = result._replace(total_norm=result.total_norm + gate.poison)
         if len(positions) != n_params:
@@ -454,15 +464,15 @@ class ClippedOptimizer(Optimizer):
             result = result._replace(param_norms=full.index_copy_(0, index, result.param_norms))
         return result, fold
 
-    def _unclipped_poison(self, batch: GradBatch, grad_scale: Tensor | None, clip_state: dict[str, Any]) -> Tensor:
-        """Opted-out groups are not clipped, but they are unscaled, and NaN/Inf in them still
-        counts: 0, or NaN when one of their gradients is not finite (measured before the mode
-        runs, so that the gate holds the clipped gradients too)."""
+    def _unclipped_norms(self, unclipped: list[Tensor], grad_scale: Tensor | None) -> list[Tensor]:
+        """The opted-out gradients' norms (this rank's pieces), after unscaling them in place:
+        opted-out groups are not clipped, but NaN/Inf in them still counts (their norms enter
+        ``total_norm`` only through their finiteness)."""
+        local, _ = distributed.local_grads(unclipped, self._reduction)
+        batch = GradBatch(local, self.config.foreach)
         if grad_scale is not None:
             scale_(batch, grad_scale.reciprocal())
-        norms = tensor_norms(batch, self.config.norm_type)
-        # total_norm reduces over the ranks when sharded: a NaN on one rank poisons all of them.
-        return total_norm(norms, self.config.norm_type, clip_state["steps"].device, batch.sharding)[0] * 0
+        return list(tensor_norms(batch, self.config.norm_type))  # a plain batch: a list already
 
     def _gather_grads(self) -> tuple[list[Tensor], list[Tensor], list[int], int, list[Tensor]]:
         """The gradients to clip, their positions in optimizer order, the others, the number
@@ -574,6 +584,12 @@ class ClippedOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
+        # A new group may change where the norm is reduced (DTensor parameters).
+        try:
+            self._reduction = distributed.plan_reduction(self.config, self.param_groups, self._reduction)
+        except ValueError:
+            self.optimizer.param_groups.pop()
+            raise
 
     def __getstate__(self) -> dict[str, Any]:
         # Like torch.optim.Optimizer, hooks are not pickled (they are often lambdas); nor is

@@ -14,6 +14,7 @@ fails at once.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import socket
@@ -33,6 +34,9 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 BATCH, DIM, STEPS = 8, 6, 3
 TOL = dict(rtol=1e-5, atol=1e-6)
+# A collective that waits longer than this raises instead of hanging (ranks that disagree on
+# the collectives to run then fail the test, with the pytest timeout as the last guard).
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 
 
 # -- harness -----------------------------------------------------------------------------
@@ -45,7 +49,9 @@ def _free_port() -> int:
 def _entry(rank: int, fn, world: int, port: int, args: tuple) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}", timeout=COLLECTIVE_TIMEOUT
+    )
     fn(rank, world, *args)  # an exception here reaches the parent through mp.spawn
     dist.barrier()
     dist.destroy_process_group()
