@@ -147,7 +147,9 @@ def main() -> None:
             t0 = time.perf_counter()
             variants[name]()
             times[name].append(time.perf_counter() - t0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.iters} iterations, W3 (72 tensors, 4.7M elements)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.iters} iterations, W3 (72 tensors, 4.7M elements)"
+    )
     print(f"{'variant':18s} {'median us':>10s} {'/ norm':>8s} {'/ peer':>8s}")
     for name in names:
         med = statistics.median(times[name]) * 1e6

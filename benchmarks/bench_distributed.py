@@ -75,7 +75,12 @@ def _worker(rank: int, world: int, port: int, iters: int, out) -> None:
         torch.optim.SGD(params, lr=1e-6, foreach=True), max_norm=1.0, process_group=dist.group.WORLD
     )
     scalar = torch.ones(())
-    steps = {"inner": inner.step, "local": local.step, "reduced": reduced.step, "allreduce": lambda: dist.all_reduce(scalar)}
+    steps = {
+        "inner": inner.step,
+        "local": local.step,
+        "reduced": reduced.step,
+        "allreduce": lambda: dist.all_reduce(scalar),
+    }
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for i in range(iters + 5):
         for v in VARIANTS:
@@ -149,7 +154,9 @@ def main() -> None:
         print(f"{w:>5} {cells} {paired:13.3f}x")
     fsdp = ("fsdp2 inner", "fsdp2 torch clip", "fsdp2 wrapper")
     base = statistics.median(results[args.worlds[0]]["fsdp2 wrapper"])
-    print(f"\nFSDP2, 48 DTensor gradients: medians in microseconds (rank 0); x = ratio to world {args.worlds[0]} wrapper")
+    print(
+        f"\nFSDP2, 48 DTensor gradients: medians in microseconds (rank 0); x = ratio to world {args.worlds[0]} wrapper"
+    )
     print(f"{'world':>5} " + " ".join(f"{v:>18}" for v in fsdp) + f" {'wrapper/torch':>14}")
     for w, times in results.items():
         med = {v: statistics.median(times[v]) for v in fsdp}

@@ -48,7 +48,7 @@ def main() -> None:
         }
         times: dict[int, list[float]] = {0: [], 1000: []}
         for rep in range(args.reps + 10):
-            for size in ((0, 1000) if rep % 2 else (1000, 0)):  # alternate the order
+            for size in (0, 1000) if rep % 2 else (1000, 0):  # alternate the order
                 start = time.perf_counter()
                 opts[size].step()
                 elapsed = time.perf_counter() - start
@@ -62,8 +62,6 @@ def main() -> None:
         )
 
 
-
-
 def record_only(reps: int = 2000) -> None:
     """``stats.record`` alone, with and without the buffer: the absolute cost of one write."""
     from clipped_optim import stats
@@ -75,12 +73,14 @@ def record_only(reps: int = 2000) -> None:
     states = {size: stats.new_clip_state("norm", torch.device("cpu"), size) for size in (0, 1000)}
     times: dict[int, list[float]] = {0: [], 1000: []}
     for rep in range(reps):
-        for size in ((0, 1000) if rep % 2 else (1000, 0)):
+        for size in (0, 1000) if rep % 2 else (1000, 0):
             start = time.perf_counter()
             stats.record(states[size], result, finite, skipped)
             times[size].append(time.perf_counter() - start)
     m0, m1 = statistics.median(times[0]), statistics.median(times[1000])
-    print(f"stats.record: without buffer {m0 * 1e6:.1f} us, with {m1 * 1e6:.1f} us (+{(m1 - m0) * 1e6:.1f} us per step)")
+    print(
+        f"stats.record: without buffer {m0 * 1e6:.1f} us, with {m1 * 1e6:.1f} us (+{(m1 - m0) * 1e6:.1f} us per step)"
+    )
 
 
 if __name__ == "__main__":

@@ -86,7 +86,9 @@ def _unit_norms(tensors: list[Tensor], units: _Units, norm_type: float, device) 
     first dimension foreach kernels cannot do."""
     parts: list[Tensor] = []
     if units.small:
-        parts.append(torch.stack([n.to(device) for n in tensor_norms(GradBatch([tensors[i] for i in units.small]), norm_type)]))
+        parts.append(
+            torch.stack([n.to(device) for n in tensor_norms(GradBatch([tensors[i] for i in units.small]), norm_type)])
+        )
     for i in units.big:
         t = tensors[i]
         acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
@@ -103,14 +105,18 @@ def agc_coefs(param_units: Tensor, grad_units: Tensor, clip_factor: float, eps: 
 
 
 @torch.no_grad()
-def run_agc(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
+def run_agc(
+    cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None
+) -> ClipResult:
     """Adaptive gradient clipping (unit-wise ratio of gradient norm to weight norm).
 
     ``grad * min(1, clip_factor * max(|w|, eps) / |grad|)`` per output unit. Equal to
     ``timm.utils.agc.adaptive_clip_grad(params, clip_factor, eps, norm_type)``. Not a scalar
     coefficient: always applied here (``apply`` is ignored), never folded.
     """
-    assert cfg.clip_factor is not None and cfg.eps is not None  # ClipConfig fills the options of its mode (narrows the types)
+    assert (
+        cfg.clip_factor is not None and cfg.eps is not None
+    )  # ClipConfig fills the options of its mode (narrows the types)
     dev = _device(batch, device)
     grads, params = batch.tensors, _agc_params(batch)
     units = _units(grads)
@@ -149,7 +155,9 @@ def _agc_params(batch: GradBatch) -> list[Tensor]:
         raise ValueError("mode='agc' needs the parameters beside the gradients (GradBatch(..., params=...))")
     for p, g in zip(params, batch.tensors):
         if p.shape != g.shape:  # a sparse gradient's values: no rows to measure
-            raise ValueError(f"mode='agc' needs dense gradients; got a gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+            raise ValueError(
+                f"mode='agc' needs dense gradients; got a gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}"
+            )
     return params
 
 
@@ -231,14 +239,20 @@ def _autoclip_state(cfg: ClipConfig, clip_state: dict[str, Any], rows: int, devi
     ring = clip_state.get("autoclip_ring")
     if ring is None:
         ring = torch.full((0, cfg.history_length), math.inf, device=device)
-        clip_state.update(autoclip_ring=ring, autoclip_sorted=ring.clone(), autoclip_count=torch.zeros(0, dtype=torch.int64, device=device))
+        clip_state.update(
+            autoclip_ring=ring,
+            autoclip_sorted=ring.clone(),
+            autoclip_count=torch.zeros(0, dtype=torch.int64, device=device),
+        )
     clip_state.setdefault("autoclip_per_param", bool(cfg.per_param))
     grow = rows - ring.shape[0]
     if grow > 0:  # first step, or a param group was added
         pad = torch.full((grow, cfg.history_length), math.inf, device=device)
         clip_state["autoclip_ring"] = torch.cat([ring, pad])
         clip_state["autoclip_sorted"] = torch.cat([clip_state["autoclip_sorted"], pad])
-        clip_state["autoclip_count"] = torch.cat([clip_state["autoclip_count"], torch.zeros(grow, dtype=torch.int64, device=device)])
+        clip_state["autoclip_count"] = torch.cat(
+            [clip_state["autoclip_count"], torch.zeros(grow, dtype=torch.int64, device=device)]
+        )
     return clip_state["autoclip_ring"], clip_state["autoclip_sorted"], clip_state["autoclip_count"]
 
 
@@ -249,7 +263,9 @@ def _coef(norm: Tensor, threshold: Tensor) -> Tensor:
     return torch.clamp((norm + EPS).reciprocal() * threshold, max=1.0)
 
 
-def run_autoclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
+def run_autoclip(
+    cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None
+) -> ClipResult:
     """AutoClip: clip to the ``quantile`` of the last ``history_length`` pre-clip norms.
 
     Global (one history of global norms; ``torch.nn.utils.clip_grad_norm_`` to it) or, with
@@ -330,7 +346,9 @@ def _zclip_state(cfg: ClipConfig, clip_state: dict[str, Any], device) -> ZClipSt
             zclip_mean=zero,
             zclip_var=zero.clone(),
         )
-    return ZClipState(clip_state["zclip_warmup"], clip_state["zclip_seen"], clip_state["zclip_mean"], clip_state["zclip_var"])
+    return ZClipState(
+        clip_state["zclip_warmup"], clip_state["zclip_seen"], clip_state["zclip_mean"], clip_state["zclip_var"]
+    )
 
 
 def _wide(device: torch.device) -> torch.dtype:
@@ -346,12 +364,16 @@ def zclip_update(cfg: ClipConfig, state: ZClipState, norm: Tensor, accept: Tenso
     initialised from them and updated as an EMA of the *clip value* (the adaptive bound on a
     spike, else the norm), before the ``max_norm`` cap, as the package does.
     """
-    assert cfg.warmup_steps is not None and cfg.alpha is not None and cfg.skip_update_on_spike is not None  # ClipConfig fills the options of its mode (narrows the types)
+    assert (
+        cfg.warmup_steps is not None and cfg.alpha is not None and cfg.skip_update_on_spike is not None
+    )  # ClipConfig fills the options of its mode (narrows the types)
     g = norm.to(state.mean.dtype)
     warm = state.seen < cfg.warmup_steps
     cap = math.inf if cfg.max_norm is None else cfg.max_norm
     clip_val, spike = _zclip_clip_value(cfg, state, g)
-    bound = torch.where(warm, torch.full_like(g, cap), torch.clamp(torch.where(spike, clip_val, g.new_tensor(math.inf)), max=cap))
+    bound = torch.where(
+        warm, torch.full_like(g, cap), torch.clamp(torch.where(spike, clip_val, g.new_tensor(math.inf)), max=cap)
+    )
     spike = spike & ~warm
     # the EMA, fed the clip value; skipped on a spike with skip_update_on_spike
     alpha, beta = cfg.alpha, 1 - cfg.alpha
@@ -377,7 +399,9 @@ def _zclip_clip_value(cfg: ClipConfig, state: ZClipState, g: Tensor) -> tuple[Te
     """The package's ``_compute_clip_val``: the clip value (``g`` itself when no spike), and
     whether it is a spike. The operations follow the package's order, so the float64
     arithmetic gives its numbers to the bit."""
-    assert cfg.z_thresh is not None and cfg.clip_factor is not None  # ClipConfig fills the options of its mode (narrows the types)
+    assert (
+        cfg.z_thresh is not None and cfg.clip_factor is not None
+    )  # ClipConfig fills the options of its mode (narrows the types)
     std = state.var.sqrt()
     if cfg.clip_option == "percentile":
         threshold = state.mean + cfg.z_thresh * std
@@ -402,7 +426,9 @@ def _warmup_moments(values: Tensor) -> tuple[Tensor, Tensor]:
     return mean, (dev * dev).cumsum(0)[-1] / n
 
 
-def run_zclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
+def run_zclip(
+    cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None
+) -> ClipResult:
     """ZClip: clip the global norm to an adaptive bound when its z-score against the EMA of
     past norms exceeds ``z_thresh``; ``max_norm`` caps the bound (and is the bound of the
     warm-up). Equal to ``zclip.ZClip(alpha, z_thresh, max_grad_norm=max_norm, warmup_steps,
@@ -453,10 +479,15 @@ def spike_gate(cfg: ClipConfig, clip_state: dict[str, Any], total: Tensor, enter
     ``enter`` (0-dim bool) says whether the norm may enter the window at all: not when it is
     NaN/Inf, nor when the step is skipped for another reason (an overflow, a NaN elsewhere).
     """
-    assert cfg.spike_window is not None and cfg.spike_sigma is not None  # ClipConfig fills the options of its mode (narrows the types)
+    assert (
+        cfg.spike_window is not None and cfg.spike_sigma is not None
+    )  # ClipConfig fills the options of its mode (narrows the types)
     device = total.device
     if "spike_ring" not in clip_state:
-        clip_state.update(spike_ring=torch.zeros(cfg.spike_window, dtype=_wide(device), device=device), spike_count=torch.zeros((), dtype=torch.int64, device=device))
+        clip_state.update(
+            spike_ring=torch.zeros(cfg.spike_window, dtype=_wide(device), device=device),
+            spike_count=torch.zeros((), dtype=torch.int64, device=device),
+        )
     ring, count = clip_state["spike_ring"], clip_state["spike_count"]
     min_count = min(cfg.spike_window, max(20, cfg.spike_window // 2))  # as OLMo-core
     spike, bound = spike_test(ring, count, total, cfg.spike_sigma, min_count)

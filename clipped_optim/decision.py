@@ -41,7 +41,18 @@ class StepGate:
         spikes: whether to run the spike detector (not for a closure's re-evaluations).
     """
 
-    __slots__ = ("config", "clip_state", "found_inf", "reporter", "spikes", "poison", "sharding", "finite", "hold", "skip")
+    __slots__ = (
+        "config",
+        "clip_state",
+        "found_inf",
+        "reporter",
+        "spikes",
+        "poison",
+        "sharding",
+        "finite",
+        "hold",
+        "skip",
+    )
 
     def __init__(
         self,

@@ -252,4 +252,3 @@ class FlatGrads:
                     else:
                         g.requires_grad_(False)
                     g.zero_()
-

@@ -31,7 +31,6 @@ __all__ = ["GradBatch", "tensor_norms", "total_norm", "scale_", "scale_each_", "
 _HALF = (torch.float16, torch.bfloat16)
 
 
-
 class GradBatch:
     """A list of dense gradient tensors, grouped by ``(device, dtype)`` once.
 
@@ -186,7 +185,9 @@ def clamp_(batch: GradBatch, clip_value: float | Tensor) -> None:
     for (device, dtype), (group, _) in batch.groups.items():
         if dtype.is_complex:
             group = [torch.view_as_real(g) for g in group]
-        bound = clip_value.to(device, dtype.to_real(), non_blocking=True) if isinstance(clip_value, Tensor) else clip_value
+        bound = (
+            clip_value.to(device, dtype.to_real(), non_blocking=True) if isinstance(clip_value, Tensor) else clip_value
+        )
         if batch.use_foreach(device):
             # the foreach clamps take a Python number, or one tensor per input
             lo, hi = ([-bound] * len(group), [bound] * len(group)) if isinstance(bound, Tensor) else (-bound, bound)

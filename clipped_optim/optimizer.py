@@ -383,7 +383,9 @@ class ClippedOptimizer(Optimizer):
         """Raise for the policy "raise", naming every parameter whose gradient norm is NaN/Inf
         (opted-out groups included). The gradients were held: they are as backward left them."""
         params = [p for g in self.param_groups for p in g["params"]]
-        bad = [i for i, p in enumerate(params) if p.grad is not None and not _finite_norm(p.grad, self.config.norm_type)]
+        bad = [
+            i for i, p in enumerate(params) if p.grad is not None and not _finite_norm(p.grad, self.config.norm_type)
+        ]
         step = int(self._clip_state()["steps"]) + 1
         where = f"by index in optimizer order: {bad}" if bad else "none alone: the global norm overflowed"
         raise FloatingPointError(

@@ -39,7 +39,9 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def main(max_steps: int = 12, output_dir: str = "out/hf_trainer", max_norm: float = 1.0, logging_steps: int = 4) -> Trainer:
+def main(
+    max_steps: int = 12, output_dir: str = "out/hf_trainer", max_norm: float = 1.0, logging_steps: int = 4
+) -> Trainer:
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2)
     model = GPT2LMHeadModel(config)

@@ -86,7 +86,9 @@ def make_corpus(n_sentences: int, seed: int) -> str:
     return "".join(parts)
 
 
-def make_batches(steps: int, spike_steps: set[int], seed: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str]]:
+def make_batches(
+    steps: int, spike_steps: set[int], seed: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str]]:
     """One (input, target) batch per step; the corrupt ones at ``spike_steps``."""
     text = make_corpus(20_000, seed)
     vocab = sorted(set(text)) + [RARE]  # RARE gets an id but never occurs in the clean text
@@ -114,9 +116,7 @@ class TinyLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, D_MODEL)
         self.pos = nn.Parameter(torch.randn(SEQ_LEN, D_MODEL) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            D_MODEL, HEADS, 4 * D_MODEL, dropout=0.0, batch_first=True, norm_first=True
-        )
+        layer = nn.TransformerEncoderLayer(D_MODEL, HEADS, 4 * D_MODEL, dropout=0.0, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(D_MODEL)
         self.head = nn.Linear(D_MODEL, vocab_size)
@@ -322,7 +322,10 @@ def plot(runs: list[RunResult], spike_steps: list[int], path: str) -> None:
 
     colors = ["tab:red", "tab:blue", "tab:green"]
     fig, axes = plt.subplots(
-        1 + len(runs), 1, figsize=(12, 3.6 + 2.2 * len(runs)), sharex=True,
+        1 + len(runs),
+        1,
+        figsize=(12, 3.6 + 2.2 * len(runs)),
+        sharex=True,
         gridspec_kw={"height_ratios": [1.6] + [1] * len(runs)},
     )
     loss_ax, norm_axes = axes[0], axes[1:]
@@ -354,7 +357,9 @@ def _norm_panel(ax, run: RunResult, color: str, spike_steps: list[int], ylim: tu
     ax.plot(steps, run.norms, color=color, lw=0.9, label="pre-clip grad norm")
     if run.spike_line is not None:  # zclip: its spike line, and the bound it applied
         ax.plot(steps, run.spike_line, color="black", lw=1.1, ls="--", label="spike line:\nEMA mean + 2.5 std")
-        ax.plot(steps, run.thresholds, color="black", lw=1.1, ls=":", label="bound applied: the 1.0 cap,\nlower on a spike")
+        ax.plot(
+            steps, run.thresholds, color="black", lw=1.1, ls=":", label="bound applied: the 1.0 cap,\nlower on a spike"
+        )
     elif run.thresholds is not None:
         ax.plot(steps, run.thresholds, color="black", lw=1.1, ls="--", label="threshold 1.0")
     else:
@@ -367,12 +372,21 @@ def _norm_panel(ax, run: RunResult, color: str, spike_steps: list[int], ylim: tu
     ):
         if causes[key]:
             marks = [(i, run.norms[i]) for i in causes[key]]
-            ax.scatter(*zip(*marks), s=size, marker=marker, color=color, edgecolor="black", lw=0.4, zorder=3,
-                       label=label)
+            ax.scatter(
+                *zip(*marks), s=size, marker=marker, color=color, edgecolor="black", lw=0.4, zorder=3, label=label
+            )
     note = clean_clip_note(run, spike_steps)
     if note is not None:
-        ax.text(0.01, 0.95, note, transform=ax.transAxes, fontsize=7.5, va="top", linespacing=1.3,
-                bbox={"facecolor": "white", "alpha": 0.9, "edgecolor": "none", "pad": 1.5})
+        ax.text(
+            0.01,
+            0.95,
+            note,
+            transform=ax.transAxes,
+            fontsize=7.5,
+            va="top",
+            linespacing=1.3,
+            bbox={"facecolor": "white", "alpha": 0.9, "edgecolor": "none", "pad": 1.5},
+        )
     ax.set_yscale("log")
     ax.set_ylim(*ylim)
     ax.set_ylabel(f"{run.name}\ngrad norm (log)", color=color)
@@ -431,7 +445,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--long", action="store_true", help=f"{4 * DEFAULT_STEPS} steps per run")
     parser.add_argument("--out", default="out", help="directory for spike_rescue.png (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the model is too small to gain from more)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: the model is too small to gain from more)"
+    )
     args = parser.parse_args(argv)
     steps = 4 * DEFAULT_STEPS if args.long else args.steps
     start = time.perf_counter()

@@ -335,7 +335,9 @@ def _mesh_worker(rank: int, world: int) -> None:
         plain.grad = torch.arange(5.0)
         opt = ClippedOptimizer(torch.optim.SGD([*params, plain], lr=1.0), max_norm=1.0, norm_type=norm_type)
         assert opt._reduction.group is dist.group.WORLD
-        expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in [*full_grads, torch.arange(5.0)]]), norm_type)
+        expected = torch.linalg.vector_norm(
+            torch.cat([g.flatten() for g in [*full_grads, torch.arange(5.0)]]), norm_type
+        )
         with _count_all_reduce() as calls:
             opt.step()
         assert len(calls) == 1

@@ -71,7 +71,10 @@ class Case:
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        names = [f"{tuple(s)}:{str(d)[6:]}{'/out' if o else ''}{'/dt' if t else ''}" for s, d, o, t in zip(self.shapes, self.dtypes, self.optout, self.dtensor)]
+        names = [
+            f"{tuple(s)}:{str(d)[6:]}{'/out' if o else ''}{'/dt' if t else ''}"
+            for s, d, o, t in zip(self.shapes, self.dtypes, self.optout, self.dtensor)
+        ]
         return (
             f"seed={self.seed} world={self.world} layout={self.layout} cuts={self.cuts} params={names} "
             f"options={self.options} inner={self.inner} missing={self.missing} bad={self.bad} "
@@ -96,7 +99,11 @@ def draw(seed: int, world: int) -> Case:
     bad = {}
     if rnd.random() < 0.5:
         i = rnd.randrange(n)
-        bad[rnd.randrange(steps)] = (i, rnd.randrange(math.prod(shapes[i])), rnd.choice([math.nan, math.inf, -math.inf]))
+        bad[rnd.randrange(steps)] = (
+            i,
+            rnd.randrange(math.prod(shapes[i])),
+            rnd.choice([math.nan, math.inf, -math.inf]),
+        )
     return Case(
         seed=seed,
         world=world,

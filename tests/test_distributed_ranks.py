@@ -226,7 +226,10 @@ def _history_worker(rank: int, world: int, ckpt_dir: str) -> None:
     model = _fsdp2_model(world)
     opt = ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), max_norm=0.5, history_size=1000)
     _train_spiky(model, opt, rank, world, range(3))
-    dcp.save({"model": get_model_state_dict(model), "optim": cdist.get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt_dir)
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": cdist.get_optimizer_state_dict(model, opt)},
+        checkpoint_id=ckpt_dir,
+    )
 
     model2 = _fsdp2_model(world)
     opt2 = ClippedOptimizer(torch.optim.AdamW(model2.parameters(), lr=0.05), max_norm=0.5, history_size=1000)

@@ -119,6 +119,7 @@ def test_zclip_run_records_its_own_bound(spike_rescue):
         assert run.thresholds[i] < 1.0
     note = spike_rescue.clean_clip_note(run, spikes)
     assert note.startswith("1 corrupt batch clipped")
-    assert spike_rescue.clean_clip_note(
-        spike_rescue.RunResult("none", [0.0], [1.0], None, [False], [False]), spikes
-    ) is None
+    assert (
+        spike_rescue.clean_clip_note(spike_rescue.RunResult("none", [0.0], [1.0], None, [False], [False]), spikes)
+        is None
+    )

@@ -79,7 +79,9 @@ def _same(a, b, tol) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if tol is None:
-        return torch.equal(a, b) or bool(torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)))
+        return torch.equal(a, b) or bool(
+            torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+        )
     return torch.allclose(a, b, rtol=tol, atol=tol, equal_nan=True)
 
 
@@ -95,7 +97,9 @@ def configs(draw):
     elif mode == "value":
         cfg["clip_value"] = draw(st.sampled_from([0.01, 0.3]))
     elif mode == "autoclip":
-        cfg.update(history_length=draw(st.sampled_from([3, 8])), per_param=draw(st.booleans()) and not cfg["flat_grads"])
+        cfg.update(
+            history_length=draw(st.sampled_from([3, 8])), per_param=draw(st.booleans()) and not cfg["flat_grads"]
+        )
     elif mode == "zclip":
         cfg["warmup_steps"] = draw(st.sampled_from([2, 5]))
     if mode not in DIFFERENTIAL or draw(st.integers(0, 4)) == 0:
@@ -108,7 +112,12 @@ def configs(draw):
 class ClipMachine(RuleBasedStateMachine):
     """The wrapper and, for the differential modes, a plain-torch twin driven the same way."""
 
-    @initialize(cfg=configs(), inner=st.sampled_from(sorted(INNER)), dtype=st.sampled_from([torch.float64, torch.float32]), unclipped=st.booleans())
+    @initialize(
+        cfg=configs(),
+        inner=st.sampled_from(sorted(INNER)),
+        dtype=st.sampled_from([torch.float64, torch.float32]),
+        unclipped=st.booleans(),
+    )
     def setup(self, cfg, inner, dtype, unclipped):
         EXAMPLES["examples"] += 1
         self.cfg, self.inner_name = cfg, inner
@@ -150,7 +159,11 @@ class ClipMachine(RuleBasedStateMachine):
         so the twin zeroes exactly those and follows ``set_to_none`` for the rest."""
         self.opt.zero_grad(set_to_none=set_to_none)
         for p, q in list(zip(self.model, self.ref_model if self.differential else self.model))[: self.added]:
-            assert p.grad is None or (not set_to_none and p.grad.abs().sum() == 0) or (self.cfg["flat_grads"] and p.grad.abs().sum() == 0)
+            assert (
+                p.grad is None
+                or (not set_to_none and p.grad.abs().sum() == 0)
+                or (self.cfg["flat_grads"] and p.grad.abs().sum() == 0)
+            )
             if self.differential:
                 if p.grad is None:
                     q.grad = None
@@ -180,7 +193,17 @@ class ClipMachine(RuleBasedStateMachine):
             assert _same(None if p.grad is None else p.grad.detach(), g, None)
         assert_same_state_dict(self._inner_state(), before["inner"])
         clip, old = self.opt.state["clip"], before["clip"]
-        stats_keys = {"grad_norm", "clip_coef", "threshold", "param_norms", "history", "history_start", "spike_ring", "spike_count", "autoclip_thresholds"}
+        stats_keys = {
+            "grad_norm",
+            "clip_coef",
+            "threshold",
+            "param_norms",
+            "history",
+            "history_start",
+            "spike_ring",
+            "spike_count",
+            "autoclip_thresholds",
+        }
         stats_keys |= {"steps", "skipped_steps", "nonfinite_steps", "clipped_steps"}
         for key, value in old.items():
             if key in stats_keys or not torch.is_tensor(value):
@@ -245,14 +268,18 @@ class ClipMachine(RuleBasedStateMachine):
                 self.ref_clip(clipped)
         hooks = []
         if inner_raises:
+
             def boom(*_):
                 raise RuntimeError("inner step failed")
+
             hooks = [self.opt.optimizer.register_step_pre_hook(boom)]
         closure = None
         if closure_seed is not None:
+
             def closure():
                 self.opt.zero_grad()
                 return self.backward_on(self.model, *closure_seed)
+
         try:
             self.opt.step(closure)
         except FloatingPointError:
@@ -385,7 +412,9 @@ class ClipMachine(RuleBasedStateMachine):
             g_new["lr"] = g_old["lr"]
         return new, new_sched, (loaded, copy.deepcopy(loaded)) if wrapped else None
 
-    @rule(how=st.sampled_from(["mode", "counter_dtype", "param_norms_ndim", "history_columns", "not_a_dict", "adaptive"]))
+    @rule(
+        how=st.sampled_from(["mode", "counter_dtype", "param_norms_ndim", "history_columns", "not_a_dict", "adaptive"])
+    )
     def refused_load(self, how):
         before = copy.deepcopy(self.opt.state_dict())
         bad = copy.deepcopy(before)
@@ -401,7 +430,13 @@ class ClipMachine(RuleBasedStateMachine):
         elif how == "not_a_dict":
             bad["state"]["clip"] = [1, 2]
         else:  # adaptive keys of the wrong size (or absent when the mode has none: a history of bad columns)
-            ring = "autoclip_ring" if "autoclip_ring" in clip else "zclip_warmup" if "zclip_warmup" in clip else "spike_ring"
+            ring = (
+                "autoclip_ring"
+                if "autoclip_ring" in clip
+                else "zclip_warmup"
+                if "zclip_warmup" in clip
+                else "spike_ring"
+            )
             clip[ring] = torch.zeros(7, 1) if ring in clip else None
             if ring not in before["state"]["clip"]:
                 clip["history"] = torch.zeros(3, 2)
@@ -416,7 +451,9 @@ class ClipMachine(RuleBasedStateMachine):
             return
         for i, (p, q) in enumerate(zip(self.model, self.ref_model)):
             assert _same(p.detach(), q.detach(), self.tol), f"parameter {i}: {p} vs {q}"
-            assert _same(None if p.grad is None else p.grad.detach(), None if q.grad is None else q.grad.detach(), self.tol), f"grad {i}: {p.grad} vs {q.grad}"
+            assert _same(
+                None if p.grad is None else p.grad.detach(), None if q.grad is None else q.grad.detach(), self.tol
+            ), f"grad {i}: {p.grad} vs {q.grad}"
         index = {id(p): i for i, p in enumerate(self.ref_model)}
         ref_state = {index[id(k)]: v for k, v in self.ref.state.items()}
         mine = self._inner_state()
@@ -479,10 +516,14 @@ def test_fuzz_long_profile():
     rounds, failures = 0, []
     while time.monotonic() < deadline:
         try:
-            run_state_machine_as_test(ClipMachine, settings=_settings(max_examples=100, steps=40, phases=[Phase.generate]))
+            run_state_machine_as_test(
+                ClipMachine, settings=_settings(max_examples=100, steps=40, phases=[Phase.generate])
+            )
         except Exception as err:
             failures.append(err)
             print(f"\nfailure {len(failures)}: {type(err).__name__}: {err}")
         rounds += 1
-    print(f"\nfuzz long profile: {rounds} rounds, {EXAMPLES['examples']} examples, {EXAMPLES['steps']} steps, {len(failures)} failures")
+    print(
+        f"\nfuzz long profile: {rounds} rounds, {EXAMPLES['examples']} examples, {EXAMPLES['steps']} steps, {len(failures)} failures"
+    )
     assert not failures

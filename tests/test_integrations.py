@@ -85,9 +85,16 @@ def test_lightning_callback_with_gradient_accumulation(tmp_path, monkeypatch):
     example = _load("lightning_example")
     callback = ClipStatsCallback(prefix="clipping/")
     trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, accumulate_grad_batches=2, log_every_n_steps=2,
-        logger=pl.loggers.CSVLogger(str(tmp_path)), enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[callback],
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        accumulate_grad_batches=2,
+        log_every_n_steps=2,
+        logger=pl.loggers.CSVLogger(str(tmp_path)),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
     )
     trainer.fit(example.Regressor(), example.data())  # 8 batches: 4 optimizer steps
     assert trainer.global_step == 4
@@ -106,8 +113,14 @@ def test_lightning_step_clips_the_gradients(tmp_path):
             seen.append(float(torch.nn.utils.get_total_norm(grads)))
 
     trainer = pl.Trainer(
-        max_steps=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[Check()],
+        max_steps=5,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Check()],
     )
     trainer.fit(example.Regressor(max_norm=0.5), example.data())
     # After each step (before the next zero_grad) the gradients left in p.grad are the clipped ones.
@@ -151,8 +164,14 @@ def test_accelerate_example_on_two_processes():
     import re
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           os.path.join(ROOT, "examples", "accelerate_example.py")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "examples", "accelerate_example.py"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(2):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -217,11 +236,21 @@ def test_hf_callback_reaches_later_callbacks(tmp_path):
     )
     opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2), max_norm=0.1)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, max_grad_norm=0, logging_steps=2,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        max_grad_norm=0,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
     )
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=example.RandomTokens(), optimizers=(opt, None),
+        model=model,
+        args=args,
+        train_dataset=example.RandomTokens(),
+        optimizers=(opt, None),
         callbacks=[ClipStatsCallback(per_parameter=True), Recorder()],
     )
     trainer.train()
