@@ -29,6 +29,7 @@ import io
 import math
 import os
 import time
+import traceback
 
 import pytest
 import torch
@@ -284,9 +285,14 @@ class ClipMachine(RuleBasedStateMachine):
             self.opt.step(closure)
         except FloatingPointError:
             raised = "policy"
-        except RuntimeError as err:
-            assert "inner step failed" in str(err)
+        except Exception as err:
+            # the hook's error, or torch's own: fused SGD with momentum fails when a parameter
+            # gets its first gradient after others of its group have a momentum buffer
+            assert inner_raises == ("inner step failed" in str(err)), err
             raised = "inner"
+            if not inner_raises and self.differential:  # plain torch fails the same way
+                with pytest.raises(type(err)):
+                    self.ref.step()
         else:
             raised = None
         finally:
@@ -297,7 +303,6 @@ class ClipMachine(RuleBasedStateMachine):
             if closure_seed is None:
                 self.assert_untouched(before, skipped=0)
         if raised == "inner":
-            assert inner_raises
             self.assert_untouched_but_grads(before)
             # plain torch would have clipped, then raised: leave both sides without gradients
             for m in self.models():
@@ -521,7 +526,7 @@ def test_fuzz_long_profile():
             )
         except Exception as err:
             failures.append(err)
-            print(f"\nfailure {len(failures)}: {type(err).__name__}: {err}")
+            print(f"\nfailure {len(failures)}:\n" + "".join(traceback.format_exception(err)))
         rounds += 1
     print(
         f"\nfuzz long profile: {rounds} rounds, {EXAMPLES['examples']} examples, {EXAMPLES['steps']} steps, {len(failures)} failures"
