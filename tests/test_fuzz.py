@@ -303,7 +303,11 @@ class ClipMachine(RuleBasedStateMachine):
             if closure_seed is None:
                 self.assert_untouched(before, skipped=0)
         if raised == "inner":
-            self.assert_untouched_but_grads(before)
+            if inner_raises:
+                self.assert_untouched_but_grads(before)
+            else:  # torch's own failure may leave empty state entries: the twin, which failed
+                # the same way, is compared by the invariant; nothing of ours is recorded
+                assert_same_state_dict(self.opt.state["clip"], before["clip"])
             # plain torch would have clipped, then raised: leave both sides without gradients
             for m in self.models():
                 for p in m:
