@@ -168,13 +168,14 @@ def test_accelerate_example_on_two_processes():
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port of its own: the default 29500 may be another test's
         "--nproc_per_node",
         "2",
         os.path.join(ROOT, "examples", "accelerate_example.py"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(2):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         out = proc.stdout + proc.stderr
         # A gloo worker occasionally dies by a signal (SIGABRT at teardown) with plain torch too;
         # rerun once for that and nothing else.
