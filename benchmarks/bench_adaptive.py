@@ -11,9 +11,9 @@ is not timed. The variants run interleaved in one process, in a rotated order pe
     norm                ClippedOptimizer(mode="norm").step()        (inner: a no-op optimizer)
     agc                 ClippedOptimizer(mode="agc").step()
     autoclip            ClippedOptimizer(mode="autoclip").step()    (history 1,000, filled)
-    autoclip_pp         ClippedOptimizer(mode="autoclip", per_param=True).step()
+    autoclip_pp         ClippedOptimizer(mode=AutoClip(per_param=True)).step()
     zclip               ClippedOptimizer(mode="zclip").step()       (past its warm-up)
-    norm+spikes         ClippedOptimizer(mode="norm", skip_spikes=True).step()
+    norm+spikes         ClippedOptimizer(mode="norm", skip_spikes=SpikeSkip()).step()
     peer_agc            timm.utils.agc.adaptive_clip_grad(params)
     peer_autoclip       autoclip QuantileClip(global_threshold=True).step()
     peer_autoclip_pp    autoclip QuantileClip(global_threshold=False).step()
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from clipped_optim import ClippedOptimizer
+from clipped_optim import AutoClip, ClippedOptimizer, SpikeSkip
 
 
 class NoOp(torch.optim.Optimizer):
@@ -80,9 +80,9 @@ def _variants(model: nn.Module) -> dict:
         "norm": wrap(mode="norm"),
         "agc": wrap(mode="agc"),
         "autoclip": wrap(mode="autoclip"),
-        "autoclip_pp": wrap(mode="autoclip", per_param=True),
+        "autoclip_pp": wrap(mode=AutoClip(per_param=True)),
         "zclip": wrap(mode="zclip"),
-        "norm+spikes": wrap(mode="norm", skip_spikes=True),
+        "norm+spikes": wrap(mode="norm", skip_spikes=SpikeSkip()),
         "clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0),
     }
     agc = _timm_agc()

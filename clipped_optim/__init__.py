@@ -5,17 +5,26 @@
 pre-clip norm and clip statistics in ``optimizer.state["clip"]``.
 """
 
+from .adaptive import AGC, AutoClip, SpikeSkip, ZClip
 from .amp_scaler import ClipGradScaler
 from .config import MODES, NONFINITE_POLICIES, ClipConfig
 from .diagnostics import plot_history
 from .modes import ClipResult, clip_grad_norm, clip_grad_norm_per_param, clip_grad_value
 from .optimizer import ClippedOptimizer
+from .policy import ClipDecision, ClipPolicy, StepNorms
 
 __all__ = [
     "ClippedOptimizer",
     "ClipGradScaler",
     "ClipConfig",
     "ClipResult",
+    "ClipPolicy",
+    "StepNorms",
+    "ClipDecision",
+    "AGC",
+    "AutoClip",
+    "ZClip",
+    "SpikeSkip",
     "MODES",
     "NONFINITE_POLICIES",
     "clip_grad_norm",

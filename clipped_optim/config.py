@@ -1,21 +1,32 @@
-"""Constructor arguments, checked once so that bad input fails at construction, not at step 100."""
+"""Constructor arguments, checked once so that bad input fails at construction, not at step 100.
+
+The adaptive modes' options are fields of their policy objects (:mod:`clipped_optim.adaptive`),
+validated there; the keyword arguments they replaced are refused here with the object form.
+"""
 
 from __future__ import annotations
 
 import difflib
 import math
-import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
+
+from . import _checks as check
+from .adaptive import POLICIES, AutoClip, SpikeSkip, ZClip
 from .distributed import check_process_group
+from .policy import ClipPolicy, state_keys
+from .stats import new_clip_state
 
-__all__ = ["ClipConfig", "MODES", "NONFINITE_POLICIES", "ADAPTIVE_DEFAULTS", "DEFAULT_MAX_NORM"]
+__all__ = ["ClipConfig", "MODES", "FIXED_MODES", "NONFINITE_POLICIES", "DEFAULT_MAX_NORM", "moved_option"]
 
-MODES = ("norm", "value", "per_param", "agc", "autoclip", "zclip")
+FIXED_MODES = ("norm", "value", "per_param")
+MODES = FIXED_MODES + tuple(POLICIES)
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
-#: The modes that read ``max_norm`` (ZClip as the cap on its bound).
-MAX_NORM_MODES = ("norm", "per_param", "zclip")
+#: The modes that read ``max_norm``.
+MAX_NORM_MODES = ("norm", "per_param")
+_OWNER = "ClippedOptimizer"
 
 
 class _DefaultMaxNorm(float):
@@ -33,38 +44,33 @@ DEFAULT_MAX_NORM: float = _DefaultMaxNorm(1.0)
 
 
 def _fail(arg: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"ClippedOptimizer: invalid {arg}={value!r}; {allowed}")
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _positive_finite(arg: str, value: Any) -> float:
-    if not _is_real(value) or not math.isfinite(value) or value <= 0:
-        raise _fail(arg, value, "expected a positive finite number")
-    return float(value)
+    return check.fail(_OWNER, arg, value, allowed)
 
 
 def _norm_type(value: Any) -> float:
     if isinstance(value, str) and value.lower() == "inf":
         return math.inf
-    if not _is_real(value) or math.isnan(value) or value <= 0:
+    if not check.is_real(value) or math.isnan(value) or value <= 0:
         raise _fail("norm_type", value, "expected a number > 0, or float('inf') for the max-norm")
     return float(value)
 
 
-def _choice(arg: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise _fail(arg, value, f"expected one of {', '.join(map(repr, allowed))}")
-    return value
+def _reserved() -> frozenset[str]:
+    """The keys of ``optimizer.state["clip"]`` that belong to the statistics."""
+    return frozenset(new_clip_state("norm", torch.device("meta"), 1))
 
 
 @dataclass(frozen=True)
 class ClipConfig:
-    """The validated clipping options of one :class:`ClippedOptimizer`."""
+    """The validated clipping options of one :class:`ClippedOptimizer`.
 
-    mode: str = "norm"
+    ``mode`` is given as a name or a :class:`~clipped_optim.policy.ClipPolicy` and kept as the
+    name (``optimizer.state["clip"]["mode"]``); ``policy`` is the policy object (``None`` for
+    the fixed modes), ``skip`` that of ``skip_spikes`` (``None``: off), and ``policy_keys`` /
+    ``skip_keys`` the keys of their state.
+    """
+
+    mode: str | ClipPolicy = "norm"
     max_norm: float | None = DEFAULT_MAX_NORM
     norm_type: float = 2.0
     clip_value: float | None = None
@@ -75,60 +81,69 @@ class ClipConfig:
     #: (see clipped_optim.distributed); None for DDP, FSDP2 and single-process training.
     process_group: Any = None
     flat_grads: bool = False
-    # -- adaptive modes (clipped_optim.adaptive): None = the mode's default, see ADAPTIVE_DEFAULTS
-    clip_factor: float | None = None
-    eps: float | None = None
-    quantile: float | None = None
-    history_length: int | None = None
-    per_param: bool | None = None
-    alpha: float | None = None
-    z_thresh: float | None = None
-    warmup_steps: int | None = None
-    clip_option: str | None = None
-    skip_update_on_spike: bool | None = None
-    skip_spikes: bool = False
-    spike_sigma: float | None = None
-    spike_window: int | None = None
+    #: ``True`` (SpikeSkip's defaults), a policy that returns ``skip``, or ``False``
+    skip_spikes: bool | ClipPolicy = False
+    policy: ClipPolicy | None = field(default=None, init=False)
+    skip: ClipPolicy | None = field(default=None, init=False)
+    policy_keys: tuple[str, ...] = field(default=(), init=False)
+    skip_keys: tuple[str, ...] = field(default=(), init=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through the back door, once
-        _choice("mode", self.mode, MODES)
-        _choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
-        if self.mode not in MAX_NORM_MODES and self.max_norm is not DEFAULT_MAX_NORM:
-            readers = ", ".join(map(repr, MAX_NORM_MODES))
-            raise _fail(
-                "max_norm", self.max_norm, f"max_norm is only used with mode in ({readers}), not mode={self.mode!r}"
-            )
-        if self.max_norm is None and self.mode != "zclip":
-            raise _fail("max_norm", None, "expected a positive finite number (None, no cap, only with mode='zclip')")
-        if self.max_norm is not None:
-            set_(self, "max_norm", _positive_finite("max_norm", self.max_norm))
+        policy = _policy(self.mode)
+        set_(self, "policy", policy)
+        set_(self, "mode", self.mode if policy is None else policy.name)
+        check.choice(_OWNER, "nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        self._max_norm()
         set_(self, "norm_type", _norm_type(self.norm_type))
         if self.mode == "value":
             if self.clip_value is None:
                 raise _fail("clip_value", None, "mode='value' needs clip_value, a positive finite number")
-            set_(self, "clip_value", _positive_finite("clip_value", self.clip_value))
+            set_(self, "clip_value", check.positive_finite(_OWNER, "clip_value", self.clip_value))
         elif self.clip_value is not None:
             raise _fail(
                 "clip_value", self.clip_value, f"clip_value is only used with mode='value', not mode={self.mode!r}"
             )
         if self.foreach is not None and not isinstance(self.foreach, bool):
             raise _fail("foreach", self.foreach, "expected True, False or None (pick per device)")
-        if (
-            not isinstance(self.history_size, numbers.Integral)
-            or isinstance(self.history_size, bool)
-            or self.history_size < 0
-        ):
-            raise _fail("history_size", self.history_size, "expected an integer >= 0 (0 keeps no history)")
-        set_(self, "history_size", int(self.history_size))
+        set_(
+            self,
+            "history_size",
+            check.positive_int(_OWNER, "history_size", self.history_size, 0, " (0 keeps no history)"),
+        )
         check_process_group(self.process_group)
-        if not isinstance(self.flat_grads, bool):
-            raise _fail("flat_grads", self.flat_grads, "expected True or False")
-        _adaptive_options(self)
+        check.flag(_OWNER, "flat_grads", self.flat_grads)
+        skip = _skip_policy(self.skip_spikes)
+        set_(self, "skip", skip)
+        set_(self, "skip_spikes", skip is not None)
+        reserved = _reserved()
+        if policy is not None:
+            set_(self, "policy_keys", state_keys(policy, reserved))
+        if skip is not None:
+            set_(self, "skip_keys", state_keys(skip, reserved | set(self.policy_keys)))
+
+    @property
+    def mode_name(self) -> str:
+        """The mode's name (``mode`` is normalised to it; typed for the checker)."""
+        return self.mode if isinstance(self.mode, str) else self.mode.name
+
+    def _max_norm(self) -> None:
+        if self.mode not in MAX_NORM_MODES and self.max_norm is not DEFAULT_MAX_NORM:
+            if self.mode == "zclip":
+                raise TypeError(_moved_message({"max_norm": self.max_norm}, ZClip, "mode"))
+            readers = ", ".join(map(repr, MAX_NORM_MODES))
+            raise _fail(
+                "max_norm", self.max_norm, f"max_norm is only used with mode in ({readers}), not mode={self.mode!r}"
+            )
+        if self.mode in MAX_NORM_MODES:
+            object.__setattr__(self, "max_norm", check.positive_finite(_OWNER, "max_norm", self.max_norm))
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> ClipConfig:
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if f.init}
+        moved = {name: value for name, value in kwargs.items() if name not in known and name in _MOVED}
+        if moved:
+            raise TypeError(moved_option(moved, kwargs.get("mode")))
         for name in kwargs:
             if name not in known:
                 hint = difflib.get_close_matches(name, known, n=1)
@@ -140,80 +155,70 @@ class ClipConfig:
         return cls(**kwargs)
 
 
+def _policy(mode: Any) -> ClipPolicy | None:
+    if isinstance(mode, SpikeSkip):
+        raise _fail("mode", mode, "SpikeSkip skips steps, it does not clip: pass it as skip_spikes=")
+    if isinstance(mode, ClipPolicy):
+        if mode.name in FIXED_MODES:
+            raise _fail("mode", mode, f"a policy's name must not be that of a fixed mode ({', '.join(FIXED_MODES)})")
+        return mode
+    if isinstance(mode, type) and issubclass(mode, ClipPolicy):
+        raise _fail("mode", mode, f"expected an instance: mode={mode.__name__}()")
+    if isinstance(mode, str) and mode in POLICIES:
+        return POLICIES[mode]()  # the mode with its defaults
+    check.choice(_OWNER, "mode", mode, MODES)
+    return None
+
+
+def _skip_policy(value: Any) -> ClipPolicy | None:
+    if value is True:
+        return SpikeSkip()
+    if value is False or value is None:
+        return None
+    if isinstance(value, ClipPolicy):
+        return value
+    raise _fail("skip_spikes", value, "expected True (SpikeSkip's defaults), False, or a policy: SpikeSkip(sigma=5)")
+
+
 # ---------------------------------------------------------------------------------------------
-# Options of the adaptive modes and of spike skipping (clipped_optim.adaptive)
+# The per-mode keyword arguments of 0.1, now fields of the policy objects
 # ---------------------------------------------------------------------------------------------
-#: Each adaptive option, the modes that read it and its default there (the reference
-#: packages' defaults: timm's AGC, autoclip's QuantileClip, zclip's ZClip; OLMo-core's
-#: SkipStepOptimizer for the spike window).
-ADAPTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "clip_factor": {"agc": 0.01, "zclip": 1.0},
-    "eps": {"agc": 1e-3},
-    "quantile": {"autoclip": 0.9},
-    "history_length": {"autoclip": 1000},
-    "per_param": {"autoclip": False},
-    "alpha": {"zclip": 0.97},
-    "z_thresh": {"zclip": 2.5},
-    "warmup_steps": {"zclip": 25},
-    "clip_option": {"zclip": "adaptive_scaling"},
-    "skip_update_on_spike": {"zclip": False},
-}
-ZCLIP_OPTIONS = ("adaptive_scaling", "mean", "percentile")
-
-
-def _positive_int(arg: str, value: Any) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise _fail(arg, value, "expected an integer >= 1")
-    return int(value)
-
-
-def _flag(arg: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(arg, value, "expected True or False")
-    return value
-
-
-def _open_unit(arg: str, value: Any, lo_closed: bool, hi_closed: bool) -> float:
-    ok = _is_real(value) and (value >= 0 if lo_closed else value > 0) and (value <= 1 if hi_closed else value < 1)
-    if not ok:
-        lo, hi = "[" if lo_closed else "(", "]" if hi_closed else ")"
-        raise _fail(arg, value, f"expected a number in {lo}0, 1{hi}")
-    return float(value)
-
-
-_CHECKS = {
-    "clip_factor": lambda v: _positive_finite("clip_factor", v),
-    "eps": lambda v: _positive_finite("eps", v),
-    "quantile": lambda v: _open_unit("quantile", v, True, True),
-    "history_length": lambda v: _positive_int("history_length", v),
-    "per_param": lambda v: _flag("per_param", v),
-    "alpha": lambda v: _open_unit("alpha", v, False, False),
-    "z_thresh": lambda v: _positive_finite("z_thresh", v),
-    "warmup_steps": lambda v: _positive_int("warmup_steps", v),
-    "clip_option": lambda v: _choice("clip_option", v, ZCLIP_OPTIONS),
-    "skip_update_on_spike": lambda v: _flag("skip_update_on_spike", v),
+#: old keyword -> (the classes that have it, in order of preference; its field name there)
+_MOVED: dict[str, tuple[tuple[type[ClipPolicy], ...], str]] = {
+    "clip_factor": ((POLICIES["agc"], ZClip), "clip_factor"),
+    "eps": ((POLICIES["agc"],), "eps"),
+    "quantile": ((AutoClip,), "quantile"),
+    "history_length": ((AutoClip,), "history_length"),
+    "per_param": ((AutoClip,), "per_param"),
+    "alpha": ((ZClip,), "alpha"),
+    "z_thresh": ((ZClip,), "z_thresh"),
+    "warmup_steps": ((ZClip,), "warmup_steps"),
+    "clip_option": ((ZClip,), "clip_option"),
+    "skip_update_on_spike": ((ZClip,), "skip_update_on_spike"),
+    "spike_sigma": ((SpikeSkip,), "sigma"),
+    "spike_window": ((SpikeSkip,), "window"),
 }
 
 
-def _adaptive_options(cfg: ClipConfig) -> None:
-    """Fill each adaptive option with its mode's default; reject one the mode does not read."""
-    set_ = object.__setattr__
-    for name, per_mode in ADAPTIVE_DEFAULTS.items():
-        value = getattr(cfg, name)
-        if cfg.mode not in per_mode:
-            if value is not None:
-                users = " or ".join(f"mode={m!r}" for m in per_mode)
-                raise _fail(name, value, f"{name} is only used with {users}, not mode={cfg.mode!r}")
-            continue
-        set_(cfg, name, _CHECKS[name](per_mode[cfg.mode] if value is None else value))
-    _flag("skip_spikes", cfg.skip_spikes)
-    if cfg.skip_spikes:
-        set_(cfg, "spike_sigma", _positive_finite("spike_sigma", 6.0 if cfg.spike_sigma is None else cfg.spike_sigma))
-        window = 128 if cfg.spike_window is None else cfg.spike_window
-        if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 3:
-            raise _fail("spike_window", window, "expected an integer >= 3 (norms in the rolling window)")
-        set_(cfg, "spike_window", int(window))
-    else:
-        for name in ("spike_sigma", "spike_window"):
-            if getattr(cfg, name) is not None:
-                raise _fail(name, getattr(cfg, name), f"{name} is only used with skip_spikes=True")
+def moved_option(moved: dict[str, Any], mode: Any) -> str:
+    """The error for 0.1's per-mode keyword arguments: which object each moved to, written out."""
+    spikes = {k: v for k, v in moved.items() if _MOVED[k][0] == (SpikeSkip,)}
+    rest = {k: v for k, v in moved.items() if k not in spikes}
+    parts = []
+    if rest:
+        first = _MOVED[next(iter(rest))][0]
+        owner = next((c for c in first if isinstance(mode, str) and c.name == mode), first[0])
+        if isinstance(mode, ClipPolicy):
+            owner = type(mode)
+        parts.append(_moved_message(rest, owner, "mode"))
+    if spikes:
+        parts.append(_moved_message(spikes, SpikeSkip, "skip_spikes"))
+    return "; ".join(parts)
+
+
+def _moved_message(moved: dict[str, Any], owner: type[ClipPolicy], arg: str) -> str:
+    names = ", ".join(f"{k}=" for k in moved)
+    fields_ = ", ".join(f"{_MOVED.get(k, ((), k))[1]}={v!r}" for k, v in moved.items())
+    return (
+        f"ClippedOptimizer: {names} moved into the policy object: use {arg}=clipped_optim.{owner.__name__}({fields_})"
+    )

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import adaptive, distributed
+from . import distributed, policy
 from .amp_scaler import report_found_inf
 from .config import ClipConfig
 
@@ -89,7 +89,10 @@ class StepGate:
             hold = overflow if hold is None else hold | overflow
         if self.spikes and self.config.skip_spikes:
             blocked = torch.zeros_like(finite) if hold is None else hold
-            hold = blocked | adaptive.spike_gate(self.config, self.clip_state, total, total_finite & ~blocked)
+            cfg = self.config
+            assert cfg.skip is not None  # skip_spikes is True exactly when it is set
+            enter = total_finite & ~blocked
+            hold = blocked | policy.skip_gate(cfg.skip, cfg.skip_keys, self.clip_state, total, enter, cfg.norm_type)
         self.finite = finite
         self.hold = torch.zeros_like(finite) if hold is None else hold
         self.skip = self.hold.float()  # exactly 1.0: the CPU fused kernels skip on nothing else

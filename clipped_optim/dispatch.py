@@ -1,8 +1,9 @@
 """The table from ``mode=`` to the pure function that clips: the wrapper's only link to the modes.
 
-Every entry has the signature ``(config, batch, grad_scale, apply, device, clip_state, gate) ->
-ClipResult``. A stateful (adaptive) mode reads its state from ``clip_state`` (the dict in
-``optimizer.state["clip"]``) and writes the new state back there; a stateless one ignores it.
+The fixed modes are a table of functions with the signature ``(config, batch, grad_scale, apply,
+device, clip_state, gate) -> ClipResult``; a policy (the adaptive modes, a user's own) runs
+through :func:`clipped_optim.policy.run_policy`, which reads its state from ``clip_state`` (the
+step's pending copy of ``optimizer.state["clip"]``) and writes the accepted new state back there.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import adaptive, modes
+from . import modes
 from .config import ClipConfig
 from .modes import ClipResult, Gate
 from .norms import GradBatch
+from .policy import run_policy
 
 __all__ = ["run_mode", "SCALAR_MODES", "is_scalar"]
 
@@ -52,19 +54,16 @@ _RUNNERS: dict[str, Runner] = {
     "norm": _norm,
     "per_param": _per_param,
     "value": _value,
-    "agc": adaptive.run_agc,
-    "autoclip": adaptive.run_autoclip,
-    "zclip": adaptive.run_zclip,
 }
 
-#: Modes whose decision is one scalar coefficient: only those can honour ``apply=False``
-#: and be folded into a fused kernel's ``grad_scale`` (AutoClip only with one global history).
-SCALAR_MODES = frozenset({"norm", "autoclip", "zclip"})
+#: Fixed modes whose decision is one scalar coefficient: only those can honour ``apply=False``
+#: and be folded into a fused kernel's ``grad_scale``; a policy says so itself (``is_scalar``).
+SCALAR_MODES = frozenset({"norm"})
 
 
 def is_scalar(cfg: ClipConfig) -> bool:
     """Whether ``cfg``'s mode clips with one scalar coefficient (see SCALAR_MODES)."""
-    return cfg.mode in SCALAR_MODES and not (cfg.mode == "autoclip" and cfg.per_param)
+    return cfg.mode in SCALAR_MODES if cfg.policy is None else cfg.policy.is_scalar()
 
 
 def run_mode(
@@ -79,4 +78,8 @@ def run_mode(
     """Run ``cfg``'s mode. Its state is read from and written to ``clip_state``; ``gate`` (see
     :data:`clipped_optim.modes.Gate`) is asked, once the mode has measured, whether the
     gradients must be left as they are."""
-    return _RUNNERS[cfg.mode](cfg, batch, grad_scale, apply, device, clip_state, gate)
+    if cfg.policy is not None:
+        return run_policy(
+            cfg.policy, cfg.policy_keys, cfg.norm_type, batch, grad_scale, apply, device, clip_state, gate
+        )
+    return _RUNNERS[cfg.mode](cfg, batch, grad_scale, apply, device, clip_state, gate)  # type: ignore[index]

@@ -455,7 +455,15 @@ def _descriptor(config: Any, param_groups: Sequence[dict[str, Any]], clip_state:
 def _options(config: Any) -> list[tuple[str, Any]]:
     # foreach and process_group may differ per rank (a kernel choice; group objects are per process).
     skip = {"process_group", "foreach"}
-    return [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config) if f.name not in skip]
+    from .policy import ClipPolicy, describe  # the policies import the norms, which import this module
+
+    # a policy by its fields (its default repr would hold a per-process address)
+    return [
+        (f.name, describe(v) if isinstance(v, ClipPolicy) else v)
+        for f in dataclasses.fields(config)
+        if f.name not in skip
+        for v in [getattr(config, f.name)]
+    ]
 
 
 def _power(grads: Sequence[Tensor]) -> float:
@@ -632,6 +640,6 @@ def _from_rank0(clip: Any) -> Any:
 def _restore(clip: Any, config: Any, device: torch.device) -> dict[str, Any]:
     if isinstance(clip, (bytes, bytearray)):
         clip = torch.load(io.BytesIO(clip), weights_only=True)
-    state = restore_clip_state(clip, config.mode, device, config.history_size)
+    state = restore_clip_state(clip, config.mode_name, device, config.history_size)
     state["param_norms"] = torch.zeros(0, dtype=torch.float32, device=device)
     return state

@@ -16,14 +16,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import adaptive, amp, distributed, modes, stats
+from . import amp, distributed, modes, policy, stats
 from ._tensors import index_tensor
+from .adaptive import AutoClip
 from .amp_scaler import fills_found_inf
 from .config import DEFAULT_MAX_NORM, ClipConfig
 from .decision import StepGate
 from .dispatch import is_scalar, run_mode
 from .flat import FlatGrads
 from .norms import GradBatch, scale_, tensor_norms, total_norm
+from .policy import ClipPolicy
 
 __all__ = ["ClippedOptimizer"]
 
@@ -89,12 +91,15 @@ class ClippedOptimizer(Optimizer):
     Args:
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
         mode: ``"norm"`` (global norm over all gradients), ``"per_param"`` (each gradient
-            tensor to ``max_norm`` on its own), ``"value"`` (element-wise clamp), or an
-            adaptive mode: ``"agc"``, ``"autoclip"``, ``"zclip"`` (options and defaults below).
+            tensor to ``max_norm`` on its own), ``"value"`` (element-wise clamp), or a policy:
+            :class:`~clipped_optim.AGC`, :class:`~clipped_optim.AutoClip`,
+            :class:`~clipped_optim.ZClip` (their options are their fields:
+            ``mode=ZClip(z_thresh=3.0)``), a :class:`~clipped_optim.ClipPolicy` of your own, or
+            the name of a built-in one with its defaults (``"agc"``, ``"autoclip"``, ``"zclip"``).
         max_norm: the norm bound for ``"norm"``/``"per_param"`` (default 1.0, the usual choice
-            for transformers). For ``"zclip"`` the cap on its bound (default 1.0, as the zclip
-            package; ``None``: no cap).
-        norm_type: p of the p-norm (> 0, or ``inf``); also the norm recorded in every mode.
+            for transformers).
+        norm_type: p of the p-norm (> 0, or ``inf``; default 2.0); also the norm recorded in
+            every mode and the one a policy is given.
         clip_value: the bound of ``mode="value"`` (required there, rejected elsewhere).
         nonfinite: what a step whose gradients hold NaN/Inf does. ``"skip"`` leaves the
             parameters and the optimizer state untouched and counts the step; ``"raise"``
@@ -102,7 +107,7 @@ class ClippedOptimizer(Optimizer):
             anyway, as plain torch does, with no host sync at all.
         foreach: use the ``torch._foreach_*`` kernels (``None``: wherever the device has them).
         history_size: how many recent steps' norms to keep on the device for
-            :meth:`report` (``0``: none; 1000 steps cost 16 kB).
+            :meth:`report` (default 1000, which costs 16 kB; ``0``: none).
         process_group: for manual sharding only (ZeRO-style optimizers, FSDP1, pipeline
             stages): the group over which each rank's gradients are slices of the whole; the
             norm is then reduced over it. DDP and FSDP2/DTensor need nothing; see
@@ -110,39 +115,16 @@ class ClippedOptimizer(Optimizer):
         flat_grads: keep the gradients as views into one contiguous buffer per (device, dtype),
             so the clip is one kernel whatever the parameter count; ``zero_grad()`` then zeroes
             the buffer instead of freeing it (see :mod:`clipped_optim.flat`).
-        clip_factor: ``"agc"``: each output unit's gradient norm is clipped to
-            ``clip_factor * max(||w||, eps)`` (default 0.01). ``"zclip"``: multiplier of its
-            adaptive-scaling bound (default 1.0).
-        eps: ``"agc"``: floor on the weight norm, so zero-initialised units can move
-            (default 1e-3).
-        quantile: ``"autoclip"``: the bound is this quantile of the past norms, in [0, 1]
-            (default 0.9).
-        history_length: ``"autoclip"``: how many past norms are kept (default 1000).
-        per_param: ``"autoclip"``: one history and one bound per parameter tensor
-            (default False).
-        alpha: ``"zclip"``: EMA factor of the norm's mean and variance, in (0, 1)
-            (default 0.97).
-        z_thresh: ``"zclip"``: z-score above which a norm counts as a spike and is clipped to
-            an adaptive bound (default 2.5).
-        warmup_steps: ``"zclip"``: norms collected before the EMA starts; until then only the
-            ``max_norm`` cap clips (default 25).
-        clip_option: ``"zclip"``: the bound on a spike: ``"adaptive_scaling"`` (default),
-            ``"mean"``, or ``"percentile"`` (always ``mean + z_thresh * std``).
-        skip_update_on_spike: ``"zclip"``: leave the EMA unchanged on a spike (default False).
-        skip_spikes: skip the whole update when the pre-clip norm exceeds the mean of its
-            rolling window of ``spike_window`` norms by ``spike_sigma`` standard deviations;
-            any mode. Counted in ``skipped_steps`` (default False).
-        spike_sigma: with ``skip_spikes=True``: the number of standard deviations
-            (default 6.0).
-        spike_window: with ``skip_spikes=True``: the norms in the rolling window
-            (default 128).
+        skip_spikes: skip the whole update when the pre-clip norm is a spike:
+            ``SpikeSkip(sigma=6.0, window=128)`` (``True``: those defaults), beside any mode.
+            Counted in ``skipped_steps`` (default False).
 
-    The adaptive options are those of the reference implementations, with their defaults:
-    timm's ``adaptive_clip_grad`` (``"agc"``), the autoclip package's ``QuantileClip``
-    (``"autoclip"``), the zclip package's ``ZClip`` (``"zclip"``, whose ``max_grad_norm=1.0`` is
-    ``max_norm`` here), OLMo-core's ``SkipStepOptimizer`` (``skip_spikes``). ``None`` means the
-    default; an option the chosen mode does not read is rejected with ``ValueError``. See
-    :mod:`clipped_optim.adaptive`.
+    The adaptive policies follow the reference implementations, with their defaults: timm's
+    ``adaptive_clip_grad`` (AGC), the autoclip package's ``QuantileClip`` (AutoClip), the zclip
+    package's ``ZClip`` (whose ``max_grad_norm=1.0`` is ``ZClip.max_norm``), OLMo-core's
+    ``SkipStepOptimizer`` (SpikeSkip). See :mod:`clipped_optim.adaptive` and, to write your
+    own, :mod:`clipped_optim.policy`. The per-mode keyword arguments of 0.1 (``z_thresh=``,
+    ``quantile=``, ...) are refused with a ``TypeError`` that shows the object form.
 
     ``"skip"`` and ``"raise"`` need to know on the host whether the norm is finite before the
     inner step: that is the one device-to-host sync of a step. A fused inner optimizer
@@ -168,8 +150,8 @@ class ClippedOptimizer(Optimizer):
         self,
         optimizer: Optimizer,
         *,
-        mode: str = "norm",
-        max_norm: float | None = DEFAULT_MAX_NORM,
+        mode: str | ClipPolicy = "norm",
+        max_norm: float = DEFAULT_MAX_NORM,
         norm_type: float = 2.0,
         clip_value: float | None = None,
         nonfinite: str = "skip",
@@ -177,19 +159,7 @@ class ClippedOptimizer(Optimizer):
         history_size: int = 1000,
         process_group: Any = None,
         flat_grads: bool = False,
-        clip_factor: float | None = None,
-        eps: float | None = None,
-        quantile: float | None = None,
-        history_length: int | None = None,
-        per_param: bool | None = None,
-        alpha: float | None = None,
-        z_thresh: float | None = None,
-        warmup_steps: int | None = None,
-        clip_option: str | None = None,
-        skip_update_on_spike: bool | None = None,
-        skip_spikes: bool = False,
-        spike_sigma: float | None = None,
-        spike_window: int | None = None,
+        skip_spikes: bool | ClipPolicy = False,
         **unexpected: Any,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -209,19 +179,7 @@ class ClippedOptimizer(Optimizer):
                 history_size=history_size,
                 process_group=process_group,
                 flat_grads=flat_grads,
-                clip_factor=clip_factor,
-                eps=eps,
-                quantile=quantile,
-                history_length=history_length,
-                per_param=per_param,
-                alpha=alpha,
-                z_thresh=z_thresh,
-                warmup_steps=warmup_steps,
-                clip_option=clip_option,
-                skip_update_on_spike=skip_update_on_spike,
                 skip_spikes=skip_spikes,
-                spike_sigma=spike_sigma,
-                spike_window=spike_window,
                 **unexpected,
             )
         )
@@ -233,11 +191,11 @@ class ClippedOptimizer(Optimizer):
                 "ClippedOptimizer: flat_grads=True is not supported with sharded gradients "
                 "(DTensor parameters or process_group=); use flat_grads=False"
             )
-        if self._flat is not None and self.config.mode == "autoclip" and self.config.per_param:
+        if self._flat is not None and isinstance(self.config.policy, AutoClip) and self.config.policy.per_param:
             # zero_grad() keeps the views: a parameter without a gradient in a step would push
             # a norm of 0 into its own history and pull its bound down.
             raise ValueError(
-                "ClippedOptimizer: flat_grads=True is not supported with mode='autoclip', per_param=True; "
+                "ClippedOptimizer: flat_grads=True is not supported with mode=AutoClip(per_param=True); "
                 "use flat_grads=False"
             )
         for name in _HOOK_DICTS:
@@ -362,7 +320,7 @@ class ClippedOptimizer(Optimizer):
             return skip
         if fused:
             return self._creates_state() and bool(pending.gate.skip)
-        needs_host = self.config.nonfinite != "propagate" or found_inf is not None or self.config.skip_spikes
+        needs_host = self.config.nonfinite != "propagate" or found_inf is not None or self.config.skip is not None
         return needs_host and bool(pending.gate.skip)
 
     def _creates_state(self) -> bool:
@@ -503,7 +461,9 @@ class ClippedOptimizer(Optimizer):
     def _clip_state(self) -> dict[str, Any]:
         state: dict[Any, Any] = self.optimizer.state  # parameters as keys, and the string "clip"
         if stats.STATE_KEY not in state:  # fresh, or a plain inner state_dict was loaded
-            state[stats.STATE_KEY] = stats.new_clip_state(self.config.mode, self._device(), self.config.history_size)
+            state[stats.STATE_KEY] = stats.new_clip_state(
+                self.config.mode_name, self._device(), self.config.history_size
+            )
         return state[stats.STATE_KEY]
 
     def _device(self) -> torch.device:
@@ -543,8 +503,10 @@ class ClippedOptimizer(Optimizer):
 
     def _restored_clip_state(self, loaded: Any) -> dict[str, Any]:
         cfg = self.config
-        state = stats.restore_clip_state(loaded, cfg.mode, self._device(), cfg.history_size)
-        adaptive.check_adaptive_state(cfg, state)
+        state = stats.restore_clip_state(loaded, cfg.mode_name, self._device(), cfg.history_size)
+        n_params = sum(len(g["params"]) for g in self.param_groups)
+        policy.check_policy_state(cfg.policy, cfg.policy_keys, state, n_params)
+        policy.check_policy_state(cfg.skip, cfg.skip_keys, state, n_params)
         return state
 
     def named_grad_norms(self, named_parameters: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
@@ -609,9 +571,11 @@ class ClippedOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         cfg = self.config
-        opts = f"mode={cfg.mode!r}, "
-        opts += f"clip_value={cfg.clip_value}, " if cfg.mode == "value" else f"max_norm={cfg.max_norm}, "
+        opts = f"mode={cfg.mode_name!r}, " if cfg.policy is None else f"mode={cfg.policy!r}, "
+        if cfg.policy is None:
+            opts += f"clip_value={cfg.clip_value}, " if cfg.mode == "value" else f"max_norm={cfg.max_norm}, "
         opts += f"norm_type={cfg.norm_type}, nonfinite={cfg.nonfinite!r}"
+        opts += f", skip_spikes={cfg.skip!r}" if cfg.skip is not None else ""
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return f"ClippedOptimizer({opts},\n{inner}\n)"
 

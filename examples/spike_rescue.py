@@ -26,7 +26,7 @@ The three runs see identical data from identical weights:
 
 1. plain AdamW, no clipping;
 2. ``ClippedOptimizer(AdamW, max_norm=1.0)``: the usual global-norm clip;
-3. ``mode="zclip"``: an adaptive threshold from the running mean and spread of the norms
+3. ``mode=ZClip()``: an adaptive threshold from the running mean and spread of the norms
    (Kumar et al. 2025), capped at ``max_norm=1.0`` as the zclip package does by default.
 
 It prints a table (final loss, worst loss spike, steps to recover, clipped / skipped steps)
@@ -56,10 +56,10 @@ import torch
 from torch import nn
 
 try:
-    from clipped_optim import ClippedOptimizer
+    from clipped_optim import ClippedOptimizer, ZClip
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from clipped_optim import ClippedOptimizer
+    from clipped_optim import ClippedOptimizer, ZClip
 
 DEFAULT_STEPS = 300
 SPIKE_FRACTIONS = (0.35, 0.55, 0.75)  # where the corrupt batches land, as fractions of the run
@@ -163,7 +163,7 @@ def train(
     model = TinyLM(vocab_size)
     inner = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)  # torch's default betas
     opt = inner if clip is None else ClippedOptimizer(inner, history_size=len(batches), **clip)
-    zclip = clip is not None and clip.get("mode") == "zclip"
+    zclip = clip is not None and isinstance(clip.get("mode"), ZClip)
     losses, norms, spike_line = [], [], []
     bar = _progress(len(batches), name, progress)
     for step, (x, y) in enumerate(batches):
@@ -198,11 +198,12 @@ def _zclip_spike_line(opt: ClippedOptimizer) -> torch.Tensor:
     A norm above it is a spike and is clipped to an adaptive bound below it; a norm under it is
     clipped only by the ``max_norm`` cap. Read from ``opt.state["clip"]`` (on the device).
     """
-    state, cfg = opt.state["clip"], opt.config
+    state, policy = opt.state["clip"], opt.config.policy
+    assert isinstance(policy, ZClip)
     if "zclip_mean" not in state:  # before the first step
         return torch.tensor(math.nan, dtype=torch.float64)
-    line = state["zclip_mean"] + cfg.z_thresh * state["zclip_var"].sqrt()
-    return torch.where(state["zclip_seen"] < cfg.warmup_steps, torch.full_like(line, math.nan), line)
+    line = state["zclip_mean"] + policy.z_thresh * state["zclip_var"].sqrt()
+    return torch.where(state["zclip_seen"] < policy.warmup_steps, torch.full_like(line, math.nan), line)
 
 
 def _progress(total: int, name: str, enabled: bool):
@@ -422,7 +423,7 @@ def run(
     configs = [
         ("no clipping", None),
         ("max_norm=1.0", {"mode": "norm", "max_norm": 1.0}),
-        ("mode=zclip", {"mode": "zclip"}),
+        ("mode=ZClip()", {"mode": ZClip()}),
     ]
     results = []
     for name, clip in configs[:runs]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipped_optim import ClippedOptimizer
+from clipped_optim import AGC, AutoClip, ClippedOptimizer, SpikeSkip, ZClip
 from clipped_optim.adaptive import quantile_sorted, sorted_ring_push
 from helpers import assert_same_state_dict
 
@@ -89,7 +89,7 @@ def sgd(model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
 def test_agc_equals_timm(clip_factor, eps, timm_agc):
     ref, ours = make_model(), make_model()
     ref_opt = sgd(ref)
-    opt = ClippedOptimizer(sgd(ours), mode="agc", clip_factor=clip_factor, eps=eps)
+    opt = ClippedOptimizer(sgd(ours), mode=AGC(clip_factor=clip_factor, eps=eps))
     for x, f in data():
         backward(ref, x, f)
         timm_agc.adaptive_clip_grad(ref.parameters(), clip_factor=clip_factor, eps=eps)
@@ -145,7 +145,7 @@ def _autoclip_threshold(clipper, key) -> torch.Tensor:
 def test_autoclip_global_equals_package(quantile, history_length):
     ref, ours = make_model(), make_model()
     ref_opt = autoclip_torch.QuantileClip.as_optimizer(sgd(ref), quantile, history_length, global_threshold=True)
-    opt = ClippedOptimizer(sgd(ours), mode="autoclip", quantile=quantile, history_length=history_length)
+    opt = ClippedOptimizer(sgd(ours), mode=AutoClip(quantile=quantile, history_length=history_length))
     for x, f in data():
         backward(ref, x, f)
         expect_threshold = _autoclip_threshold(ref_opt.clipper, "global_history")
@@ -163,7 +163,7 @@ def test_autoclip_global_equals_package(quantile, history_length):
 def test_autoclip_per_param_equals_package(quantile, history_length):
     ref, ours = make_model(), make_model()
     ref_opt = autoclip_torch.QuantileClip.as_optimizer(sgd(ref), quantile, history_length, global_threshold=False)
-    opt = ClippedOptimizer(sgd(ours), mode="autoclip", quantile=quantile, history_length=history_length, per_param=True)
+    opt = ClippedOptimizer(sgd(ours), mode=AutoClip(quantile=quantile, history_length=history_length, per_param=True))
     for x, f in data():
         backward(ref, x, f)
         expect = torch.stack([_autoclip_threshold(ref_opt.clipper, p) for p in ref.parameters()])
@@ -184,7 +184,7 @@ def test_autoclip_per_param_missing_gradients():
     """A parameter without a gradient keeps its history, as in autoclip (it skips None grads)."""
     ref, ours = make_model(), make_model()
     ref_opt = autoclip_torch.QuantileClip.as_optimizer(sgd(ref), 0.8, 5, global_threshold=False)
-    opt = ClippedOptimizer(sgd(ours), mode="autoclip", quantile=0.8, history_length=5, per_param=True)
+    opt = ClippedOptimizer(sgd(ours), mode=AutoClip(quantile=0.8, history_length=5, per_param=True))
     for t, (x, f) in enumerate(data(30)):
         for model, step in ((ref, ref_opt.step), (ours, opt.step)):
             backward(model, x, f)
@@ -254,7 +254,7 @@ def test_zclip_equals_package(kw):
     zc._apply_clipping = lambda model, clip_val, norm: (
         effective.append((apply(model, clip_val, norm), clip_val)) or effective[-1][0]
     )
-    opt = ClippedOptimizer(sgd(ours), mode="zclip", **kw)
+    opt = ClippedOptimizer(sgd(ours), mode=ZClip(**kw))
     spikes = 0
     # a spike inside the warm-up too, then spikes once the EMA has settled
     for x, f in data(90, spikes={2: 3.0, 40: 40.0, 55: 8.0, 56: 15.0, 70: 100.0, 85: 5.0}):
@@ -298,7 +298,7 @@ def test_nonfinite_step_poisons_peers_but_not_ours():
     for kw in (
         dict(mode="zclip"),
         dict(mode="autoclip"),
-        dict(mode="autoclip", per_param=True),
+        dict(mode=AutoClip(per_param=True)),
         dict(mode="agc"),
         dict(mode="norm", skip_spikes=True),
     ):
@@ -325,8 +325,8 @@ def test_nonfinite_step_poisons_peers_but_not_ours():
 def test_skip_spikes_skips_outliers_and_keeps_them_out_of_the_history():
     spikes = {40: 1e3, 47: 1e3}
     model, twin = make_model(), make_model()
-    opt = ClippedOptimizer(sgd(model), mode="autoclip", history_length=50, skip_spikes=True, spike_window=32)
-    ref = ClippedOptimizer(sgd(twin), mode="autoclip", history_length=50)
+    opt = ClippedOptimizer(sgd(model), mode=AutoClip(history_length=50), skip_spikes=SpikeSkip(window=32))
+    ref = ClippedOptimizer(sgd(twin), mode=AutoClip(history_length=50))
     for t, (x, f) in enumerate(data(STEPS, spikes=spikes)):
         before = [p.clone() for p in model.parameters()]
         backward(model, x, f)
@@ -344,7 +344,7 @@ def test_skip_spikes_skips_outliers_and_keeps_them_out_of_the_history():
 
 def test_skip_spikes_waits_for_its_window_then_adapts_to_a_lasting_shift():
     model = make_model()
-    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), skip_spikes=True, spike_window=32)
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), skip_spikes=SpikeSkip(window=32))
     x, _ = data(1)[0]
     skipped = []
     for t in range(120):
@@ -362,10 +362,8 @@ def test_skip_spikes_with_fused_adamw_leaves_state_untouched():
     model = make_model()
     opt = ClippedOptimizer(
         torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
-        mode="zclip",
-        warmup_steps=5,
-        skip_spikes=True,
-        spike_window=20,
+        mode=ZClip(warmup_steps=5),
+        skip_spikes=SpikeSkip(window=20),
     )
     for t, (x, f) in enumerate(data(40, spikes={35: 1e4})):
         backward(model, x, f)
@@ -382,12 +380,12 @@ def test_skip_spikes_with_fused_adamw_leaves_state_untouched():
 # -- checkpoint resume --------------------------------------------------------------------------
 RESUME_CASES = [
     dict(mode="agc"),
-    dict(mode="autoclip", history_length=8),
-    dict(mode="autoclip", per_param=True, history_length=8),
-    dict(mode="zclip", warmup_steps=5),
-    dict(mode="zclip", warmup_steps=20, clip_option="percentile", max_norm=None),  # resumes inside the warm-up
-    dict(mode="norm", skip_spikes=True, spike_window=8),
-    dict(mode="autoclip", skip_spikes=True, spike_window=8),
+    dict(mode=AutoClip(history_length=8)),
+    dict(mode=AutoClip(per_param=True, history_length=8)),
+    dict(mode=ZClip(warmup_steps=5)),
+    dict(mode=ZClip(warmup_steps=20, clip_option="percentile", max_norm=None)),  # resumes inside the warm-up
+    dict(mode="norm", skip_spikes=SpikeSkip(window=8)),
+    dict(mode="autoclip", skip_spikes=SpikeSkip(window=8)),
 ]
 
 
@@ -429,11 +427,11 @@ def test_resume_is_bit_identical(kw):
 
 def test_resume_rejects_a_mismatched_history_length():
     model = make_model()
-    opt = ClippedOptimizer(sgd(model), mode="autoclip", history_length=8)
+    opt = ClippedOptimizer(sgd(model), mode=AutoClip(history_length=8))
     x, f = data(1)[0]
     backward(model, x, f)
     opt.step()
-    other = ClippedOptimizer(sgd(model), mode="autoclip", history_length=9)
+    other = ClippedOptimizer(sgd(model), mode=AutoClip(history_length=9))
     before = other.state_dict()
     with pytest.raises(ValueError, match=r"autoclip_ring.*history_length=9"):  # at the load, not at a later step
         other.load_state_dict(opt.state_dict())
@@ -444,11 +442,11 @@ def test_resume_rejects_a_mismatched_history_length():
 def test_resume_rejects_a_history_of_the_other_kind(saved, loaded):
     # A global history read as parameter 0's (or the reverse) would clip with the wrong bound.
     model = make_model()
-    opt = ClippedOptimizer(sgd(model), mode="autoclip", per_param=saved, history_length=8)
+    opt = ClippedOptimizer(sgd(model), mode=AutoClip(per_param=saved, history_length=8))
     x, f = data(1)[0]
     backward(model, x, f)
     opt.step()
-    other = ClippedOptimizer(sgd(model), mode="autoclip", per_param=loaded, history_length=8)
+    other = ClippedOptimizer(sgd(model), mode=AutoClip(per_param=loaded, history_length=8))
     with pytest.raises(ValueError, match=f"per_param={saved}, but this optimizer uses per_param={loaded}"):
         other.load_state_dict(opt.state_dict())
     assert "autoclip_ring" not in other.state["clip"] and int(other.state["clip"]["steps"]) == 0
@@ -457,10 +455,10 @@ def test_resume_rejects_a_history_of_the_other_kind(saved, loaded):
 # -- GradScaler and fused inner optimizers -------------------------------------------------------
 ADAPTIVE = [
     dict(mode="agc"),
-    dict(mode="autoclip", history_length=10),
-    dict(mode="autoclip", per_param=True, history_length=10),
-    dict(mode="zclip", warmup_steps=5),
-    dict(mode="zclip", warmup_steps=5, skip_spikes=True, spike_window=10),
+    dict(mode=AutoClip(history_length=10)),
+    dict(mode=AutoClip(per_param=True, history_length=10)),
+    dict(mode=ZClip(warmup_steps=5)),
+    dict(mode=ZClip(warmup_steps=5), skip_spikes=SpikeSkip(window=10)),
 ]
 _ids = lambda kw: ",".join(f"{k}={v}" for k, v in kw.items())  # noqa: E731
 
@@ -495,7 +493,7 @@ def test_grad_scaler_equals_unscaled(kw, fused):
     assert int(st["clipped_steps"]) > 0
 
 
-@pytest.mark.parametrize("kw", [dict(mode="autoclip", history_length=10), dict(mode="zclip", warmup_steps=5)], ids=_ids)
+@pytest.mark.parametrize("kw", [dict(mode=AutoClip(history_length=10)), dict(mode=ZClip(warmup_steps=5))], ids=_ids)
 def test_fused_fold_matches_unfolded(kw):
     """AutoClip (global) and ZClip clip with one scalar: folded into fused AdamW's grad_scale."""
     a, b = make_model(), make_model()
@@ -513,33 +511,42 @@ def test_fused_fold_matches_unfolded(kw):
 
 def test_non_scalar_adaptive_modes_do_not_fold():
     model = make_model()
-    for kw in (dict(mode="agc"), dict(mode="autoclip", per_param=True)):
+    for kw in (dict(mode="agc"), dict(mode=AutoClip(per_param=True))):
         assert not ClippedOptimizer(torch.optim.AdamW(model.parameters(), fused=True), **kw)._can_fold()
 
 
-# -- options -----------------------------------------------------------------------------------
+# -- options ---------------------------------------------------------------------------------
+BAD_FIELDS = [
+    (lambda: AGC(clip_factor=0.0), r"AGC: invalid clip_factor=0\.0; expected a positive finite number"),
+    (lambda: AGC(eps=-1.0), "AGC: invalid eps"),
+    (lambda: AutoClip(quantile=1.5), r"AutoClip: invalid quantile=1\.5; expected a number in \[0, 1\]"),
+    (lambda: AutoClip(history_length=0), "history_length"),
+    (lambda: AutoClip(history_length=2.5), "history_length"),
+    (lambda: AutoClip(per_param="yes"), "per_param"),
+    (lambda: ZClip(alpha=1.0), "alpha"),
+    (lambda: ZClip(z_thresh=0), "z_thresh"),
+    (lambda: ZClip(z_thresh="3"), "ZClip: invalid z_thresh='3'"),
+    (lambda: ZClip(warmup_steps=0), "warmup_steps"),
+    (lambda: ZClip(clip_option="median"), "clip_option"),
+    (lambda: ZClip(skip_update_on_spike=1), "skip_update_on_spike"),
+    (lambda: ZClip(max_norm=-1.0), "max_norm"),
+    (lambda: SpikeSkip(window=2), "SpikeSkip: invalid window=2"),
+    (lambda: SpikeSkip(sigma=math.nan), "sigma"),
+]
+
+
+@pytest.mark.parametrize("make,match", BAD_FIELDS, ids=[str(i) for i in range(len(BAD_FIELDS))])
+def test_bad_policy_fields_fail_at_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
 BAD = [
-    (dict(mode="agc", clip_factor=0.0), "clip_factor"),
-    (dict(mode="agc", eps=-1.0), "eps"),
-    (dict(mode="agc", quantile=0.5), "quantile is only used with mode='autoclip'"),
-    (dict(mode="autoclip", quantile=1.5), r"quantile=1\.5"),
-    (dict(mode="autoclip", history_length=0), "history_length"),
-    (dict(mode="autoclip", history_length=2.5), "history_length"),
-    (dict(mode="autoclip", per_param="yes"), "per_param"),
-    (dict(mode="zclip", alpha=1.0), "alpha"),
-    (dict(mode="zclip", z_thresh=0), "z_thresh"),
-    (dict(mode="zclip", warmup_steps=0), "warmup_steps"),
-    (dict(mode="zclip", clip_option="median"), "clip_option"),
-    (dict(mode="zclip", skip_update_on_spike=1), "skip_update_on_spike"),
-    (dict(mode="zclip", max_norm=-1.0), "max_norm"),
     (dict(mode="autoclip", max_norm=None), "max_norm=None"),
-    (dict(mode="norm", alpha=0.9), "alpha is only used with mode='zclip'"),
-    (dict(mode="norm", clip_factor=0.1), "clip_factor is only used with mode='agc' or mode='zclip'"),
-    (dict(mode="norm", spike_window=10), "only used with skip_spikes=True"),
-    (dict(skip_spikes=True, spike_window=2), "spike_window"),
-    (dict(skip_spikes=True, spike_sigma=math.nan), "spike_sigma"),
     (dict(skip_spikes="on"), "skip_spikes"),
     (dict(mode="zclipp"), "mode"),
+    (dict(mode=ZClip), r"mode=ZClip\(\)"),
+    (dict(mode=SpikeSkip()), "skip_spikes="),
 ]
 
 
@@ -549,24 +556,43 @@ def test_bad_options_fail_at_construction(kw, match):
         ClippedOptimizer(sgd(make_model()), **kw)
 
 
+MOVED = [
+    (dict(mode="zclip", z_thresh=3.0), r"z_thresh= moved.*mode=clipped_optim\.ZClip\(z_thresh=3\.0\)"),
+    (dict(mode="zclip", max_norm=None), r"mode=clipped_optim\.ZClip\(max_norm=None\)"),
+    (dict(mode="agc", clip_factor=0.02), r"mode=clipped_optim\.AGC\(clip_factor=0\.02\)"),
+    (dict(mode="zclip", clip_factor=0.7, alpha=0.9), r"mode=clipped_optim\.ZClip\(clip_factor=0\.7, alpha=0\.9\)"),
+    (dict(mode="autoclip", quantile=0.8, per_param=True), r"AutoClip\(quantile=0\.8, per_param=True\)"),
+    (dict(mode="norm", quantile=0.5), r"mode=clipped_optim\.AutoClip\(quantile=0\.5\)"),
+    (dict(skip_spikes=True, spike_sigma=5), r"skip_spikes=clipped_optim\.SpikeSkip\(sigma=5\)"),
+    (dict(spike_window=10), r"skip_spikes=clipped_optim\.SpikeSkip\(window=10\)"),
+]
+
+
+@pytest.mark.parametrize("kw,match", MOVED, ids=[str(i) for i in range(len(MOVED))])
+def test_per_mode_keywords_moved_into_the_objects(kw, match):
+    """0.1's per-mode keyword arguments are refused with the object form to write instead."""
+    with pytest.raises(TypeError, match=match):
+        ClippedOptimizer(sgd(make_model()), **kw)
+
+
 def test_defaults_filled_per_mode():
     model = make_model()
-    assert ClippedOptimizer(sgd(model), mode="agc").config.clip_factor == 0.01
-    cfg = ClippedOptimizer(sgd(model), mode="zclip").config
-    assert (cfg.clip_factor, cfg.alpha, cfg.z_thresh, cfg.warmup_steps, cfg.clip_option) == (
+    assert ClippedOptimizer(sgd(model), mode="agc").config.policy == AGC(clip_factor=0.01, eps=1e-3)
+    policy = ClippedOptimizer(sgd(model), mode="zclip").config.policy
+    assert isinstance(policy, ZClip)
+    assert (policy.clip_factor, policy.alpha, policy.z_thresh, policy.warmup_steps, policy.clip_option) == (
         1.0,
         0.97,
         2.5,
         25,
         "adaptive_scaling",
     )
-    cfg = ClippedOptimizer(sgd(model), mode="autoclip").config
-    assert (cfg.quantile, cfg.history_length, cfg.per_param) == (0.9, 1000, False)
-    cfg = ClippedOptimizer(sgd(model), skip_spikes=True).config
-    assert (cfg.spike_sigma, cfg.spike_window) == (6.0, 128)
+    assert policy.max_norm == 1.0
+    assert ClippedOptimizer(sgd(model), mode="autoclip").config.policy == AutoClip(0.9, 1000, False)
+    assert ClippedOptimizer(sgd(model), skip_spikes=True).config.skip == SpikeSkip(sigma=6.0, window=128)
 
 
-@pytest.mark.parametrize("kw", [kw for kw in ADAPTIVE if not kw.get("per_param")], ids=_ids)
+@pytest.mark.parametrize("kw", [kw for kw in ADAPTIVE if not getattr(kw["mode"], "per_param", False)], ids=_ids)
 def test_flat_grads_equal_plain(kw):
     # (per-parameter AutoClip refuses flat_grads: tests/test_arguments.py)
     """With flat_grads=True (gradients as views of one buffer) every mode gives the same run."""

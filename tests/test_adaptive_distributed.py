@@ -10,16 +10,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from clipped_optim import ClippedOptimizer
+from clipped_optim import AutoClip, ClippedOptimizer, SpikeSkip, ZClip
 from test_distributed import _data, _fsdp2_model, _full, _half, _loss, _model, _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 STEPS = 8
 SCALAR = [
-    dict(mode="zclip", warmup_steps=3, max_norm=None),
-    dict(mode="autoclip", history_length=4, quantile=0.5),
-    dict(mode="norm", max_norm=0.5, skip_spikes=True, spike_window=3),
+    dict(mode=ZClip(warmup_steps=3, max_norm=None)),
+    dict(mode=AutoClip(history_length=4, quantile=0.5)),
+    dict(mode="norm", max_norm=0.5, skip_spikes=SpikeSkip(window=3)),
 ]
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -58,7 +58,7 @@ def _worker(rank: int, world: int) -> None:
         for p, q in zip(model.parameters(), ref_params):
             torch.testing.assert_close(_full(p.detach()), q, **TOL)
     # the non-scalar adaptive modes say plainly that they do not shard
-    for kw in (dict(mode="agc"), dict(mode="autoclip", per_param=True)):
+    for kw in (dict(mode="agc"), dict(mode=AutoClip(per_param=True))):
         model = _fsdp2_model(world)
         opt = ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), **kw)
         x, y = _data(0)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from clipped_optim import ClippedOptimizer
+from clipped_optim import AutoClip, ClippedOptimizer
 
 
 def _inner():
@@ -63,5 +63,5 @@ def test_accepted_spellings():
 
 
 def test_flat_grads_with_per_parameter_autoclip_is_refused():
-    with pytest.raises(ValueError, match="flat_grads=True is not supported with mode='autoclip', per_param=True"):
-        ClippedOptimizer(_inner(), mode="autoclip", per_param=True, flat_grads=True)
+    with pytest.raises(ValueError, match=r"flat_grads=True is not supported with mode=AutoClip\(per_param=True\)"):
+        ClippedOptimizer(_inner(), mode=AutoClip(per_param=True), flat_grads=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipped_optim import ClippedOptimizer
+from clipped_optim import AutoClip, ClippedOptimizer, SpikeSkip, ZClip
 
 SHAPES = [(8, 4), (8,), (8, 4), (3,)]
 
@@ -55,12 +55,12 @@ def test_clip_path_compiles_fullgraph_and_matches_eager(flat):
 COMPILED_STEPS = [
     dict(mode="norm", max_norm=0.5),
     dict(mode="norm", max_norm=0.5, flat_grads=True),
-    dict(mode="norm", max_norm=0.5, skip_spikes=True, spike_window=3),
+    dict(mode="norm", max_norm=0.5, skip_spikes=SpikeSkip(window=3)),
     dict(mode="per_param", max_norm=0.3),
     dict(mode="value", clip_value=0.05),
     dict(mode="agc"),
-    dict(mode="autoclip", history_length=4),
-    dict(mode="zclip", warmup_steps=2),
+    dict(mode=AutoClip(history_length=4)),
+    dict(mode=ZClip(warmup_steps=2)),
 ]
 
 

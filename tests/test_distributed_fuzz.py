@@ -38,7 +38,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from clipped_optim import ClippedOptimizer
+from clipped_optim import AutoClip, ClippedOptimizer, SpikeSkip, ZClip
 from test_distributed import _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -132,13 +132,13 @@ def _draw_options(rnd: random.Random) -> dict:
     if mode == "norm":
         options["max_norm"] = rnd.choice([0.05, 0.5, 3.0])
         if rnd.random() < 0.3:
-            options.update(skip_spikes=True, spike_window=3)
+            options.update(skip_spikes=SpikeSkip(window=3))
     elif mode == "value":
         options["clip_value"] = rnd.choice([0.01, 0.3])
     elif mode == "autoclip":
-        options.update(quantile=rnd.choice([0.5, 0.9]), history_length=rnd.choice([2, 5]))
+        options["mode"] = AutoClip(quantile=rnd.choice([0.5, 0.9]), history_length=rnd.choice([2, 5]))
     else:
-        options.update(warmup_steps=rnd.choice([1, 2, 3]), max_norm=rnd.choice([None, 2.0]))
+        options["mode"] = ZClip(warmup_steps=rnd.choice([1, 2, 3]), max_norm=rnd.choice([None, 2.0]))
     return options
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from clipped_optim import ClipGradScaler, ClippedOptimizer
+from clipped_optim import ClipGradScaler, ClippedOptimizer, ZClip
 from clipped_optim import distributed as cdist
 from test_distributed import _data, _fsdp2_model, _half, _loss, _model, _spawn
 
@@ -117,7 +117,7 @@ def test_opt_out_group_on_one_rank_only_matches_one_process():
 
 
 # -- 2. full-state resume, broadcast from rank 0 -------------------------------------------
-ZCLIP = dict(mode="zclip", warmup_steps=3, max_norm=None)
+ZCLIP = dict(mode=ZClip(warmup_steps=3, max_norm=None))
 SPIKE_STEP = 7
 
 

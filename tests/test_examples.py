@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from clipped_optim import ZClip
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -103,7 +105,7 @@ def test_zclip_run_records_its_own_bound(spike_rescue):
         spikes = [45]
         batches, vocab = spike_rescue.make_batches(steps, set(spikes), seed=0)
         pad = vocab.index(spike_rescue.RARE)
-        run = spike_rescue.train("z", {"mode": "zclip"}, batches, len(vocab), pad, seed=0, progress=False)
+        run = spike_rescue.train("z", {"mode": ZClip()}, batches, len(vocab), pad, seed=0, progress=False)
     finally:
         torch.set_num_threads(threads)
     warmup = 25  # zclip's default: no EMA before it, so no spike line

@@ -12,7 +12,7 @@ steps. After every operation the invariants of the README's "Guarantees" are che
   bit-identical to plain torch (``clip_grad_norm_``/``clip_grad_value_`` + the same inner step,
   a skipped step skipped by hand), fused float32 within the fold's tolerance; the recorded norm
   and counters equal to what plain torch measured;
-* atomic step (every mode, the adaptive ones and spike skipping included): a skipped or raising
+* atomic step (every mode, the adaptive ones, spike skipping and a user's own policy included): a skipped or raising
   step leaves parameters, inner state, ``p.grad`` and the adaptive state as they were;
 * all-or-nothing load: a refused checkpoint changes nothing, a loaded one is never aliased;
 * always callable: ``stats()``, ``report()``, ``named_grad_norms()``, ``state_dict()``.
@@ -45,8 +45,9 @@ from hypothesis.stateful import (
 )
 from torch import nn
 
-from clipped_optim import ClippedOptimizer
+from clipped_optim import AutoClip, ClippedOptimizer, SpikeSkip, ZClip
 from helpers import assert_same_state_dict
+from median_policy import MedianClip
 
 SHAPES = [(3, 4), (5,), (2, 3), (4,), (3, 3), (2,)]
 N_START = 4  # parameters 0-3 start in the optimizer; 4 and 5 can be added with add_param_group
@@ -88,7 +89,7 @@ def _same(a, b, tol) -> bool:
 
 @st.composite
 def configs(draw):
-    mode = draw(st.sampled_from(DIFFERENTIAL + ("agc", "autoclip", "zclip")))
+    mode = draw(st.sampled_from(DIFFERENTIAL + ("agc", "autoclip", "zclip", "median")))
     cfg = dict(mode=mode, nonfinite=draw(st.sampled_from(["skip", "raise", "propagate"])))
     cfg["flat_grads"] = draw(st.booleans())
     cfg["foreach"] = draw(st.sampled_from([None, False]))
@@ -98,15 +99,15 @@ def configs(draw):
     elif mode == "value":
         cfg["clip_value"] = draw(st.sampled_from([0.01, 0.3]))
     elif mode == "autoclip":
-        cfg.update(
-            history_length=draw(st.sampled_from([3, 8])), per_param=draw(st.booleans()) and not cfg["flat_grads"]
-        )
+        per_param = draw(st.booleans()) and not cfg["flat_grads"]
+        cfg["mode"] = AutoClip(history_length=draw(st.sampled_from([3, 8])), per_param=per_param)
     elif mode == "zclip":
-        cfg["warmup_steps"] = draw(st.sampled_from([2, 5]))
-    if mode not in DIFFERENTIAL or draw(st.integers(0, 4)) == 0:
-        cfg["skip_spikes"] = draw(st.booleans())
-        if cfg["skip_spikes"]:
-            cfg["spike_window"] = 4
+        cfg["mode"] = ZClip(warmup_steps=draw(st.sampled_from([2, 5])))
+    elif mode == "median":  # a user's policy, written against the public interface only
+        cfg["mode"] = MedianClip(k=draw(st.sampled_from([0.5, 2.0])), window=draw(st.sampled_from([1, 4])))
+        cfg["norm_type"] = draw(st.sampled_from([2.0, math.inf]))
+    if (mode not in DIFFERENTIAL or draw(st.integers(0, 4)) == 0) and draw(st.booleans()):
+        cfg["skip_spikes"] = SpikeSkip(window=4)
     return cfg
 
 
@@ -439,13 +440,8 @@ class ClipMachine(RuleBasedStateMachine):
         elif how == "not_a_dict":
             bad["state"]["clip"] = [1, 2]
         else:  # adaptive keys of the wrong size (or absent when the mode has none: a history of bad columns)
-            ring = (
-                "autoclip_ring"
-                if "autoclip_ring" in clip
-                else "zclip_warmup"
-                if "zclip_warmup" in clip
-                else "spike_ring"
-            )
+            kept = [k for k in ("autoclip_ring", "zclip_warmup", "median_ring", "spike_ring") if k in clip]
+            ring = kept[0] if kept else "spike_ring"
             clip[ring] = torch.zeros(7, 1) if ring in clip else None
             if ring not in before["state"]["clip"]:
                 clip["history"] = torch.zeros(3, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pydoc
 import subprocess
 import sys
@@ -28,64 +29,58 @@ def test_import_needs_no_optional_dependency():
     assert out.strip() == "[]"
 
 
-DEFAULTS = {  # option: its default in each mode that reads it, as the docstring gives them
+DEFAULTS = {  # the constructor's options and their defaults, as the docstring gives them
     "max_norm": "1.0",
-    "clip_factor": "0.01",
-    "eps": "1e-3",
-    "quantile": "0.9",
-    "history_length": "1000",
-    "per_param": "False",
-    "alpha": "0.97",
-    "z_thresh": "2.5",
-    "warmup_steps": "25",
-    "clip_option": '"adaptive_scaling"``',
-    "skip_update_on_spike": "False",
+    "norm_type": "2.0",
+    "history_size": "1000",
     "skip_spikes": "False",
-    "spike_sigma": "6.0",
-    "spike_window": "128",
 }
 
 
-def test_help_states_the_adaptive_defaults():
+def test_help_states_the_defaults():
     """A pip user has no docs folder: ``help(ClippedOptimizer)`` gives every default itself."""
     text = pydoc.render_doc(ClippedOptimizer, renderer=pydoc.plaintext)
     assert "docs/" not in text
-    doc = ClippedOptimizer.__doc__
-    args = doc[doc.index("Args:") :]
-    entries = {}  # "name: text" entries of the Args section, continuation lines joined
-    for line in args.splitlines()[1:]:
-        head = line.strip().split(":", 1)[0]
-        if line.startswith(" " * 8) and not line.startswith(" " * 12) and head.isidentifier():
-            entries[head] = line
-        elif entries and line.startswith(" " * 12):
-            entries[list(entries)[-1]] += " " + line.strip()
-        elif line.strip() and not line.startswith(" " * 8):
-            break
+    entries = _args(ClippedOptimizer.__doc__)
     for name, default in DEFAULTS.items():
         assert name in entries, name
         assert f"default {default}" in entries[name] or f"{default} (default)" in entries[name], entries[name]
 
 
-def test_documented_defaults_are_the_real_ones():
-    """The defaults in the docstring are the ones the constructor applies."""
-    cases = {
-        "agc": {"clip_factor": 0.01, "eps": 1e-3},
-        "autoclip": {"quantile": 0.9, "history_length": 1000, "per_param": False},
-        "zclip": {
-            "alpha": 0.97,
-            "z_thresh": 2.5,
-            "warmup_steps": 25,
-            "clip_option": "adaptive_scaling",
-            "clip_factor": 1.0,
-            "skip_update_on_spike": False,
-            "max_norm": 1.0,
-        },
-    }
+def _args(doc: str, section: str = "Args:") -> dict[str, str]:
+    """The ``name: text`` entries of a docstring section, continuation lines joined."""
+    lines = doc[doc.index(section) :].splitlines()[1:]
+    first = next(line for line in lines if line.strip())
+    indent = len(first) - len(first.lstrip())
+    entries: dict[str, str] = {}
+    for line in lines:
+        head = line.strip().split(":", 1)[0]
+        if line.startswith(" " * indent) and not line.startswith(" " * (indent + 1)) and head.isidentifier():
+            entries[head] = line
+        elif entries and line.startswith(" " * (indent + 1)):
+            entries[list(entries)[-1]] += " " + line.strip()
+        elif line.strip() and not line.startswith(" " * indent):
+            break
+    return entries
+
+
+def test_policies_document_their_real_defaults():
+    """Each policy's docstring gives every field's default, and it is the one the field has."""
+    for cls in (clipped_optim.AGC, clipped_optim.AutoClip, clipped_optim.ZClip, clipped_optim.SpikeSkip):
+        entries = _args(cls.__doc__, "Attributes:")
+        for field in dataclasses.fields(cls):
+            assert field.name in entries, (cls.__name__, field.name)
+            default = field.default
+            shown = {repr(default), str(default), f"{default:g}" if isinstance(default, float) else str(default)}
+            shown.add('"adaptive_scaling"') if default == "adaptive_scaling" else None
+            assert any(f"(default {d}" in entries[field.name] for d in shown), (cls.__name__, entries[field.name])
+
+
+def test_mode_names_give_the_policies_defaults():
     import torch
 
-    for mode, expected in cases.items():
+    for mode, cls in (("agc", clipped_optim.AGC), ("autoclip", clipped_optim.AutoClip), ("zclip", clipped_optim.ZClip)):
         opt = ClippedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.ones(2, 2))], lr=0.1), mode=mode)
-        for name, value in expected.items():
-            assert getattr(opt.config, name) == value, (mode, name)
+        assert opt.config.policy == cls(), mode
     opt = ClippedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1), skip_spikes=True)
-    assert (opt.config.spike_sigma, opt.config.spike_window) == (6.0, 128)
+    assert opt.config.skip == clipped_optim.SpikeSkip(sigma=6.0, window=128)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipped_optim import ClippedOptimizer, clip_grad_norm, clip_grad_value
+from clipped_optim import ClippedOptimizer, ZClip, clip_grad_norm, clip_grad_value
 from helpers import assert_same_state_dict
 
 
@@ -248,7 +248,7 @@ def test_lbfgs_nan_in_a_later_evaluation_is_skipped():
 
 def test_lbfgs_adaptive_state_advances_once_per_step():
     model, x, y = _lbfgs_problem()
-    opt = ClippedOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), mode="zclip", warmup_steps=3)
+    opt = ClippedOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), mode=ZClip(warmup_steps=3))
     evals = [0]
 
     def closure():
