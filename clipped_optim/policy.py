@@ -49,7 +49,8 @@ class StepNorms:
             over every rank when the gradients are sharded (identical on every rank).
         param_norms: the pre-clip norm of each gradient in ``grads``, 1-D, unscaled (of this
             rank's pieces when sharded). Empty for a policy used as ``skip_spikes=``, which is
-            asked from the total norm alone, before the clip.
+            asked from the total norm alone, before the clip (``grads``, ``params`` and
+            ``positions`` are then empty too, and ``n_params`` is 0).
         grads: the gradients this step clips, in optimizer order (sparse ones as their values).
             Read them, never write them; under AMP they still carry ``grad_scale``.
         params: the parameter of each gradient.
@@ -269,7 +270,15 @@ def run_policy(
     if decision.coef is None or decision.threshold is None or decision.skip is not None:
         raise ValueError(f"{policy!r}: rule() must return a coef and a threshold (skip only as skip_spikes=)")
     _commit(policy, clip_state, state, decision.state, accept)
+    recorded, threshold = _apply(policy, batch, decision, hold, grad_scale, apply, dev)
+    return ClipResult(total, recorded, stacked, threshold.to(total.dtype))
+
+
+def _apply(policy: ClipPolicy, batch: GradBatch, decision: ClipDecision, hold, grad_scale, apply: bool, dev):
+    """Multiply the gradients by the decision's coefficient (1 where ``hold``; a scalar one
+    only if ``apply``, else it is folded); return the coefficient and bound to record."""
     coef, threshold = decision.coef, decision.threshold
+    assert coef is not None and threshold is not None  # checked by run_policy
     if isinstance(coef, Tensor) and coef.ndim == 0:
         if apply:
             scale_(batch, unscaled(held(coef, hold), grad_scale, dev))
@@ -279,17 +288,17 @@ def run_policy(
     elif isinstance(coef, Tensor):  # one per gradient
         scale_each_(batch, unscaled(held(coef, hold), grad_scale, dev).unbind())
         if not len(batch):
-            return ClipResult(total, torch.ones((), device=dev), stacked, torch.full((), math.inf, device=dev))
+            return torch.ones((), device=dev), torch.full((), math.inf, device=dev)
         # the statistics keep one number: the gradient clipped hardest, its coefficient and bound
         hardest = coef.argmin()
         recorded = coef[hardest]
         threshold = threshold[hardest] if threshold.ndim else threshold
     else:  # one broadcastable factor per gradient
         scale_each_(batch, [unscaled(held(c, hold), grad_scale, dev) for c in coef])
-        recorded = decision.clip_coef if decision.clip_coef is not None else torch.ones((), device=dev)
+        recorded = torch.ones((), device=dev)
     if decision.clip_coef is not None:
         recorded = decision.clip_coef
-    return ClipResult(total, recorded, stacked, threshold.to(total.dtype))
+    return recorded, threshold
 
 
 def skip_gate(
