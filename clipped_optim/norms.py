@@ -73,7 +73,7 @@ class GradBatch:
     def set_owners(self, params: Sequence[Tensor], positions: Sequence[int], n_total: int) -> None:
         """Record the parameters of the tensors, their positions in optimizer order and the
         number of parameters there (the adaptive modes read them; see ``__init__``)."""
-        self.params, self.positions, self.n_total = list(params), positions, n_total
+        self.params, self.positions, self.n_total = params, positions, n_total
 
     def use_foreach(self, device: torch.device) -> bool:
         if self.foreach is None:

@@ -8,6 +8,7 @@ and the statistics in :mod:`clipped_optim.stats`.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -15,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import adaptive, amp, distributed, modes, stats
 from ._tensors import index_tensor
@@ -23,6 +25,7 @@ from .config import DEFAULT_MAX_NORM, ClipConfig
 from .decision import StepGate
 from .dispatch import is_scalar, run_mode
 from .flat import FlatGrads
+from .gather import Gathered, Gatherer
 from .norms import GradBatch, scale_, tensor_norms, total_norm
 
 __all__ = ["ClippedOptimizer"]
@@ -247,6 +250,9 @@ class ClippedOptimizer(Optimizer):
             if name not in optimizer.__dict__:
                 setattr(optimizer, name, OrderedDict())
         self._patch_step_function()
+        self._recorder = stats.Recorder()
+        self._gatherer = Gatherer()
+        self._gatherer = Gatherer()
         self._clip_state()
 
     # -- sharing the inner optimizer's state: properties, because load_state_dict replaces
@@ -287,6 +293,41 @@ class ClippedOptimizer(Optimizer):
         every later evaluation clipped to the same rule, and one that comes out NaN/Inf undoes
         the step (the parameters and the inner state are restored from a copy taken before it).
         """
+        # torch wraps every Optimizer subclass's step() in a profiler range and runs the step
+        # hooks around it; the range is a dispatcher call on every step even when no profiler
+        # records (about as much as a small model's whole clip adds). The same hooks run here, in
+        # the same order, and the range is opened only while a profiler records.
+        if torch.autograd._profiler_enabled():
+            with torch.autograd.profiler.record_function("Optimizer.step#ClippedOptimizer.step"):
+                return self._hooked_step(closure)
+        return self._hooked_step(closure)
+
+    step.hooked = True  # type: ignore[attr-defined]  # torch's _patch_step_function: leave it unwrapped
+
+    def _hooked_step(self, closure: Callable[[], Any] | None) -> Any:
+        """The step between the step hooks, as torch's ``Optimizer.profile_hook_step`` runs them:
+        global then per-optimizer pre hooks (each may replace the arguments), the step, then
+        per-optimizer then global post hooks."""
+        args: tuple[Any, ...] = (self,) if closure is None else (self, closure)
+        kwargs: dict[str, Any] = {}
+        for pre_hook in itertools.chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+            result = pre_hook(self, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        f"{self.step} must return None or a tuple of (new_args, new_kwargs), but got {result}."
+                    )
+                args, kwargs = result
+        out = self._step(*args[1:], **kwargs)
+        self._optimizer_step_code()
+        for post_hook in itertools.chain(
+            self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()
+        ):
+            post_hook(self, args, kwargs)
+        return out
+
+    def _step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """:meth:`step` without the hooks."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -333,8 +374,10 @@ class ClippedOptimizer(Optimizer):
         is done (proceeded or skipped), so one that raised is not recorded."""
         state = self._clip_state()
         state.update(pending.state)  # the adaptive updates, already gated by the decision
-        finite, hold, _ = pending.gate.decided()
-        stats.record(state, pending.result, finite, hold)
+        gate = pending.gate
+        assert gate.finite is not None and gate.hold is not None, "the gate was not asked"
+        skip = gate.skip if "history" in state else None  # the float flag, shared with a fused kernel
+        self._recorder(state, pending.result, gate.finite, gate.hold, gate.nonfinite, gate.proceeded, skip)
 
     def _clip_and_record(self, grad_scale: Tensor | None, found_inf: Tensor | None, fold: bool):
         """Everything a step does besides the inner step, with no host sync (it compiles with
@@ -361,9 +404,9 @@ class ClippedOptimizer(Optimizer):
                 self._raise_nonfinite()
             return skip
         if fused:
-            return self._creates_state() and bool(pending.gate.skip)
+            return self._creates_state() and bool(pending.gate.hold)
         needs_host = self.config.nonfinite != "propagate" or found_inf is not None or self.config.skip_spikes
-        return needs_host and bool(pending.gate.skip)
+        return needs_host and bool(pending.gate.hold)
 
     def _creates_state(self) -> bool:
         """Whether a parameter with a gradient has no inner state yet (first step, new group)."""
@@ -423,7 +466,7 @@ class ClippedOptimizer(Optimizer):
                 scratch = dict(self._clip_state())
                 gate = StepGate(self.config, scratch, spikes=False)
                 self._clip(None, False, scratch, gate)
-            if self.config.nonfinite != "propagate" and bool(gate.skip):
+            if self.config.nonfinite != "propagate" and bool(gate.hold):
                 raise _NonFiniteEvaluation
             return again
 
@@ -476,28 +519,10 @@ class ClippedOptimizer(Optimizer):
             scale_(batch, grad_scale.reciprocal())
         return list(tensor_norms(batch, self.config.norm_type))  # a plain batch: a list already
 
-    def _gather_grads(self) -> tuple[list[Tensor], list[Tensor], list[int], int, list[Tensor]]:
-        """The gradients to clip, their positions in optimizer order, the others, the number
-        of parameters, and the parameters of the gradients to clip."""
-        clipped: list[Tensor] = []
-        unclipped: list[Tensor] = []
-        positions: list[int] = []
-        params: list[Tensor] = []
-        n = 0
-        for group in self.param_groups:
-            target = clipped if group.get("clip", True) else unclipped
-            for p in group["params"]:
-                g = p.grad
-                if g is not None and g.numel() > 0:
-                    if g.is_sparse:  # norms and in-place scaling act on the coalesced values
-                        p.grad = g = g.coalesce()
-                        g = g._values()
-                    target.append(g)
-                    if target is clipped:
-                        positions.append(n)
-                        params.append(p)
-                n += 1
-        return clipped, unclipped, positions, n, params
+    def _gather_grads(self) -> Gathered:
+        """The gradients to clip and the others, with their positions and parameters (see
+        :mod:`clipped_optim.gather`)."""
+        return self._gatherer(self.param_groups)
 
     # -- statistics and checkpoints
     def _clip_state(self) -> dict[str, Any]:
@@ -606,6 +631,8 @@ class ClippedOptimizer(Optimizer):
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
+        self._recorder = stats.Recorder()
+        self._gatherer = Gatherer()
 
     def __repr__(self) -> str:
         cfg = self.config
