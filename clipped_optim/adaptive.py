@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -144,7 +145,7 @@ def _unit_factors(factors: Tensor, grads: list[Tensor], units: _Units) -> list[T
     return out
 
 
-def _agc_params(batch: GradBatch) -> list[Tensor]:
+def _agc_params(batch: GradBatch) -> Sequence[Tensor]:
     if batch.sharding is not None:
         raise NotImplementedError(
             "ClippedOptimizer: mode='agc' on sharded gradients (FSDP, DTensor, process_group=) is not "

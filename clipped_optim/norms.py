@@ -57,7 +57,7 @@ class GradBatch:
         # For the modes that need more than the gradients (clipped_optim.adaptive): the
         # parameters they belong to (AGC), their indices in optimizer order and the number of
         # parameters there (per-parameter histories). None when the caller did not give them.
-        self.params = None if params is None else list(params)
+        self.params: Sequence[Tensor] | None = params
         self.positions = positions
         self.n_total = n_total
         grouped = _group_tensors_by_device_and_dtype([self.tensors], with_indices=True) if self.tensors else {}  # type: ignore[list-item]

@@ -167,6 +167,7 @@ class Recorder:
     def __init__(self) -> None:
         self._state: dict[str, Any] | None = None
         self._views: tuple[Tensor, ...] = ()
+        self._counters: Tensor | None = None
 
     def _bind(self, state: dict[str, Any]) -> Tensor | None:
         if self._state is state and all(state[k] is v for k, v in zip(COUNTERS, self._views)):
