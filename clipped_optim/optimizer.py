@@ -8,7 +8,6 @@ and the statistics in :mod:`clipped_optim.stats`.
 from __future__ import annotations
 
 import copy
-import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -16,7 +15,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import adaptive, amp, distributed, modes, stats
 from ._tensors import index_tensor
@@ -27,6 +25,7 @@ from .dispatch import is_scalar, run_mode
 from .flat import FlatGrads
 from .gather import Gathered, Gatherer
 from .norms import GradBatch, scale_, tensor_norms, total_norm
+from .step_hooks import run_hooked, step_inner
 
 __all__ = ["ClippedOptimizer"]
 
@@ -293,38 +292,11 @@ class ClippedOptimizer(Optimizer):
         every later evaluation clipped to the same rule, and one that comes out NaN/Inf undoes
         the step (the parameters and the inner state are restored from a copy taken before it).
         """
-        # torch wraps every Optimizer subclass's step() in a profiler range and runs the step
-        # hooks around it; the range is a dispatcher call on every step even when no profiler
-        # records (about as much as a small model's whole clip adds). The same hooks run here, in
-        # the same order, and the range is opened only while a profiler records.
-        if torch.autograd._profiler_enabled():
-            with torch.autograd.profiler.record_function("Optimizer.step#ClippedOptimizer.step"):
-                return self._hooked_step(closure)
-        return self._hooked_step(closure)
+        # torch would wrap this step in a profiler range that costs a dispatcher call even when
+        # no profiler records; the same hooks run here (see clipped_optim.step_hooks).
+        return run_hooked(self, type(self)._step, closure)
 
     step.hooked = True  # type: ignore[attr-defined]  # torch's _patch_step_function: leave it unwrapped
-
-    def _hooked_step(self, closure: Callable[[], Any] | None) -> Any:
-        """The step between the step hooks, as torch's ``Optimizer.profile_hook_step`` runs them:
-        global then per-optimizer pre hooks (each may replace the arguments), the step, then
-        per-optimizer then global post hooks."""
-        args: tuple[Any, ...] = (self,) if closure is None else (self, closure)
-        kwargs: dict[str, Any] = {}
-        for pre_hook in itertools.chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
-            result = pre_hook(self, args, kwargs)
-            if result is not None:
-                if not (isinstance(result, tuple) and len(result) == 2):
-                    raise RuntimeError(
-                        f"{self.step} must return None or a tuple of (new_args, new_kwargs), but got {result}."
-                    )
-                args, kwargs = result
-        out = self._step(*args[1:], **kwargs)
-        self._optimizer_step_code()
-        for post_hook in itertools.chain(
-            self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()
-        ):
-            post_hook(self, args, kwargs)
-        return out
 
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         """:meth:`step` without the hooks."""
@@ -445,12 +417,12 @@ class ClippedOptimizer(Optimizer):
 
     def _inner_step(self, closure: Callable[[], Any] | None, loss: Any) -> Any:
         if closure is None:
-            return self.optimizer.step()
+            return step_inner(self.optimizer, None)
         # Undo what the inner step did if a re-evaluation is non-finite or anything raises
         # (a copy of the parameters and the inner state: paid by closure steps only).
         snapshot = None if self.config.nonfinite == "propagate" else _Snapshot(self.optimizer)
         try:
-            return self.optimizer.step(self._replay(loss, closure))
+            return step_inner(self.optimizer, self._replay(loss, closure))
         except BaseException:
             if snapshot is not None:
                 snapshot.restore()

@@ -179,3 +179,51 @@ def test_a_step_pre_hook_may_replace_the_closure():
     opt.step()
     assert calls == ["replaced"]
     torch.testing.assert_close(p.detach(), torch.tensor([0.9]))  # its gradient 2, clipped to 1
+
+
+def test_inner_step_hooks_and_a_scheduler_built_on_the_inner_optimizer():
+    import warnings
+
+    p = torch.nn.Parameter(torch.randn(3))
+    inner = torch.optim.SGD([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(inner, step_size=1, gamma=0.5)  # patches inner.step
+    opt = ClippedOptimizer(inner)
+    seen = []
+    inner.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    inner.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" would raise
+        for _ in range(2):
+            p.grad = torch.randn(3)
+            opt.step()
+            sched.step()
+    assert seen == ["pre", "post"] * 2 and inner.param_groups[0]["lr"] == 0.025
+
+
+def test_inner_optimizer_hooks_fire_once_each_in_order():
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    p = torch.nn.Parameter(torch.randn(3))
+    inner = torch.optim.SGD([p], lr=0.1)
+    opt = ClippedOptimizer(inner)
+    seen = []
+    inner.register_step_pre_hook(lambda o, a, k: seen.append(("inner pre", a[0] is inner)))
+    inner.register_step_post_hook(lambda o, a, k: seen.append(("inner post", o is inner)))
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("global pre", type(o).__name__))),
+        register_optimizer_step_post_hook(lambda o, a, k: seen.append(("global post", type(o).__name__))),
+    ]
+    try:
+        p.grad = torch.randn(3)
+        opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == [
+        ("global pre", "ClippedOptimizer"),
+        ("global pre", "SGD"),
+        ("inner pre", True),
+        ("inner post", True),
+        ("global post", "SGD"),
+        ("global post", "ClippedOptimizer"),
+    ]
