@@ -32,7 +32,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -85,7 +85,7 @@ def _units(tensors: list[Tensor]) -> _Units:
     return _Units(small, big, [tensors[i].shape[0] for i in big])
 
 
-def _unit_norms(tensors: list[Tensor], units: _Units, norm_type: float, device) -> Tensor:
+def _unit_norms(tensors: Sequence[Tensor], units: _Units, norm_type: float, device) -> Tensor:
     """Norm of each unit, flat (float32 or wider): the whole of each <= 1-D tensor (one foreach
     launch), then the rows (output units) of each >= 2-D one, whose reduction over all but the
     first dimension foreach kernels cannot do."""
