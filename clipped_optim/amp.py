@@ -35,18 +35,6 @@ def folds_into_kernel(inner: Optimizer) -> bool:
     return bool(getattr(inner, "_step_supports_amp_scaling", False))
 
 
-def skip_flag(found_inf: Tensor | None, finite: Tensor) -> Tensor:
-    """1.0 where the step must be skipped, else 0.0 (float32, as the fused kernels expect).
-
-    GradScaler sums ``found_inf`` over devices, so it can exceed 1; the CPU fused kernels only
-    skip on exactly 1.0, hence the clamp.
-    """
-    flag = (~finite).float()
-    if found_inf is not None:
-        flag = torch.clamp(flag + found_inf.to(flag.device, torch.float32), max=1.0)
-    return flag
-
-
 @contextlib.contextmanager
 def fused_kernel_args(inner: Optimizer, grad_scale: Tensor | None, found_inf: Tensor) -> Iterator[None]:
     """Set the attributes a fused ``inner.step()`` reads, and remove them afterwards.
