@@ -2,7 +2,7 @@
 
     python benchmarks/bench_adaptive.py [--iters 200] [--threads 2]
 
-Workload: W3 of BASELINES.md, the gradients of a 6-layer ``nn.TransformerEncoder`` (d_model
+Workload: W3, the gradients of a 6-layer ``nn.TransformerEncoder`` (d_model
 256, 4 heads, ffn 1024; 72 tensors, 4.7M elements), CPU, fp32. Before every call the
 gradients are restored from a saved copy times a per-iteration factor (log-normal, with a
 10x spike every 25th iteration), the same for every variant of that iteration; the restore
@@ -23,7 +23,8 @@ is not timed. The variants run interleaved in one process, in a rotated order pe
 The wrapper's step includes gathering the gradients, the statistics and its one host sync
 (nonfinite="skip"); the inner optimizer does nothing, so only the clipping is timed.
 Reported: medians, and the medians of the per-iteration (paired) ratios to ``norm`` and to
-the peer's own call. Bars (issue 6): each adaptive mode <= 1.2x norm and <= 0.5x its peer.
+the peer's own call. Targets set when the modes were written: each adaptive mode <= 1.2x norm
+and <= 0.5x its peer.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from clipped_optim import ClippedOptimizer  # noqa: E402
+from clipped_optim import ClippedOptimizer
 
 
 class NoOp(torch.optim.Optimizer):
@@ -49,7 +50,7 @@ class NoOp(torch.optim.Optimizer):
     def __init__(self, params):
         super().__init__(params, {"lr": 0.0})
 
-    def step(self, closure=None):  # noqa: D102
+    def step(self, closure=None):
         return None
 
 
@@ -57,7 +58,7 @@ def _timm_agc():
     spec = importlib.util.find_spec("timm")
     if spec is None:
         return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "agc.py")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "utils", "agc.py")
     module_spec = importlib.util.spec_from_file_location("timm_agc", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -146,7 +147,9 @@ def main() -> None:
             t0 = time.perf_counter()
             variants[name]()
             times[name].append(time.perf_counter() - t0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.iters} iterations, W3 (72 tensors, 4.7M elements)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.iters} iterations, W3 (72 tensors, 4.7M elements)"
+    )
     print(f"{'variant':18s} {'median us':>10s} {'/ norm':>8s} {'/ peer':>8s}")
     for name in names:
         med = statistics.median(times[name]) * 1e6

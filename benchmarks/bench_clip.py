@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clipped_optim import ClipGradScaler, ClippedOptimizer  # noqa: E402
+from clipped_optim import ClipGradScaler, ClippedOptimizer
 
 MAX_NORM = 1.0
 AMP_SCALE = 1024.0
@@ -63,8 +63,8 @@ def gpt2_small() -> list[tuple[int, ...]]:
 WORKLOADS: dict[str, tuple[str, Callable[[], list[tuple[int, ...]]]]] = {
     "W1": ("400 x 2,500 fp32", w1),
     "W2": ("8 x 4M fp32", w2),
-    "W3": ("6-layer TransformerEncoder d256", w3),
-    "GPT2": ("GPT-2 small parameter list (124M)", gpt2_small),
+    "W3": ("6-layer TransformerEncoder d_model 256, 4 heads, ffn 1024: 72 tensors, 4.7M elements", w3),
+    "GPT2": ("GPT-2 small parameter list (148 tensors, 124M elements)", gpt2_small),
 }
 
 
@@ -183,14 +183,42 @@ def build_variants(params, saved, clip_only: bool) -> list[Variant]:
         ("clip_grad_norm_ + AdamW(fused)", plain(fused_adamw), "clip_grad_norm_ + AdamW(fused)"),
         ("wrapper(AdamW(fused)) = fold", wrapped(fused_adamw), "clip_grad_norm_ + AdamW(fused)"),
         ("wrapper(AdamW(fused), flat_grads)", wrapped(fused_adamw, flat_grads=True), "clip_grad_norm_ + AdamW(fused)"),
-        ("AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)", amp_plain(sgd), "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)"),
+        (
+            "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)",
+            amp_plain(sgd),
+            "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)",
+        ),
         ("AMP: scaler.step(wrapper(SGD))", amp_wrapped(sgd), "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)"),
-        ("AMP: scaler.step(wrapper(SGD, flat_grads))", amp_wrapped(sgd, flat_grads=True), "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)"),
-        ("AMP: ClipGradScaler.step(wrapper(SGD))", amp_wrapped(sgd, ClipGradScaler), "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)"),
-        ("AMP: ClipGradScaler.step(wrapper(SGD, flat_grads))", amp_wrapped(sgd, ClipGradScaler, flat_grads=True), "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)"),
-        ("AMP: unscale_ + clip_grad_norm_ + scaler.step(AdamW(fused))", amp_plain(fused_adamw), "AMP: unscale_ + clip_grad_norm_ + scaler.step(AdamW(fused))"),
-        ("AMP: scaler.step(wrapper(AdamW(fused)))", amp_wrapped(fused_adamw), "AMP: unscale_ + clip_grad_norm_ + scaler.step(AdamW(fused))"),
-        ("AMP: ClipGradScaler.step(wrapper(AdamW(fused)))", amp_wrapped(fused_adamw, ClipGradScaler), "AMP: unscale_ + clip_grad_norm_ + scaler.step(AdamW(fused))"),
+        (
+            "AMP: scaler.step(wrapper(SGD, flat_grads))",
+            amp_wrapped(sgd, flat_grads=True),
+            "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)",
+        ),
+        (
+            "AMP: ClipGradScaler.step(wrapper(SGD))",
+            amp_wrapped(sgd, ClipGradScaler),
+            "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)",
+        ),
+        (
+            "AMP: ClipGradScaler.step(wrapper(SGD, flat_grads))",
+            amp_wrapped(sgd, ClipGradScaler, flat_grads=True),
+            "AMP: unscale_ + clip_grad_norm_ + scaler.step(SGD)",
+        ),
+        (
+            "AMP: unscale_ + clip_grad_norm_ + scaler.step(AdamW(fused))",
+            amp_plain(fused_adamw),
+            "AMP: unscale_ + clip_grad_norm_ + scaler.step(AdamW(fused))",
+        ),
+        (
+            "AMP: scaler.step(wrapper(AdamW(fused)))",
+            amp_wrapped(fused_adamw),
+            "AMP: unscale_ + clip_grad_norm_ + scaler.step(AdamW(fused))",
+        ),
+        (
+            "AMP: ClipGradScaler.step(wrapper(AdamW(fused)))",
+            amp_wrapped(fused_adamw, ClipGradScaler),
+            "AMP: unscale_ + clip_grad_norm_ + scaler.step(AdamW(fused))",
+        ),
     ]
     if clip_only:
         specs += clip_only_specs()
@@ -236,7 +264,11 @@ def clip_only_specs():
     return [
         (base, torch_clip, base),
         ("floor: one read + one in-place write of a flat buffer", floor, base),
-        ("clip only: wrapper flat_grads (norm+mul+stats)", flat_clip, "floor: one read + one in-place write of a flat buffer"),
+        (
+            "clip only: wrapper flat_grads (norm+mul+stats)",
+            flat_clip,
+            "floor: one read + one in-place write of a flat buffer",
+        ),
         ("GradScaler inf check alone (inv_scale 1.0)", check_inf, base),
     ]
 
@@ -271,8 +303,16 @@ def bench(workload: str, rounds: int, warmup: int, seed: int = 0) -> list[dict]:
         # the fastest quarter of each: what the variant costs when the shared machine leaves it alone
         fast = statistics.quantiles(v.times, n=4)[0] / statistics.quantiles(base, n=4)[0]
         rows.append(
-            dict(workload=workload, name=v.name, baseline=v.baseline, median_us=statistics.median(v.times) * 1e6,
-                 ratio=statistics.median(ratios), q1=q[0], q3=q[2], fast=fast)
+            dict(
+                workload=workload,
+                name=v.name,
+                baseline=v.baseline,
+                median_us=statistics.median(v.times) * 1e6,
+                ratio=statistics.median(ratios),
+                q1=q[0],
+                q3=q[2],
+                fast=fast,
+            )
         )
     del variants, params, saved
     return rows
@@ -339,7 +379,14 @@ def main() -> None:
 
 def write_results(rows: list[dict], started: datetime.datetime, argv: str, append: bool, where: str) -> None:
     path = Path(__file__).with_name("RESULTS.md")
-    head = ["## Another run", ""] if append and path.exists() else ["# Benchmark results (`benchmarks/bench_clip.py`)", ""]
+    head = (
+        ["## Another run", ""] if append and path.exists() else ["# Benchmark results (`benchmarks/bench_clip.py`)", ""]
+    )
+    if not (append and path.exists()):
+        head += [
+            "Workloads (fp32 gradient shapes): " + "; ".join(f"{k} = {d}" for k, (d, _) in WORKLOADS.items()) + ".",
+            "",
+        ]
     text = head + [
         f"Run `python benchmarks/bench_clip.py {argv}`".rstrip() + f" at {started:%Y-%m-%d %H:%M} UTC.",
         "",

@@ -2,13 +2,13 @@
 
     python benchmarks/bench_distributed.py [--worlds 1 2 4] [--iters 60]
 
-Each rank holds the same workload, W1 of BASELINES.md (400 fp32 gradients of 2,500 elements:
+Each rank holds the same workload, W1 (400 fp32 gradients of 2,500 elements:
 many small tensors, where a clip costs most per element), and times, interleaved in every
 iteration after a barrier:
 
     inner      SGD(foreach).step() alone
     local      ClippedOptimizer step, no collective (the DDP case)
-    reduced    ClippedOptimizer step with process_group=WORLD: one all-reduce of a scalar
+    reduced    ClippedOptimizer step with process_group=WORLD: one all-reduce of two numbers
     allreduce  a bare dist.all_reduce of one float32 scalar
 
 Then, on an FSDP2 model (24 sharded Linear(256, 256) blocks: 48 DTensor gradients), the
@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from clipped_optim import ClippedOptimizer  # noqa: E402
+from clipped_optim import ClippedOptimizer
 
 N_TENSORS, NUMEL = 400, 2_500
 VARIANTS = ("inner", "local", "reduced", "allreduce")
@@ -75,7 +75,12 @@ def _worker(rank: int, world: int, port: int, iters: int, out) -> None:
         torch.optim.SGD(params, lr=1e-6, foreach=True), max_norm=1.0, process_group=dist.group.WORLD
     )
     scalar = torch.ones(())
-    steps = {"inner": inner.step, "local": local.step, "reduced": reduced.step, "allreduce": lambda: dist.all_reduce(scalar)}
+    steps = {
+        "inner": inner.step,
+        "local": local.step,
+        "reduced": reduced.step,
+        "allreduce": lambda: dist.all_reduce(scalar),
+    }
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for i in range(iters + 5):
         for v in VARIANTS:
@@ -144,12 +149,14 @@ def main() -> None:
     print(f"{'world':>5} " + " ".join(f"{v:>17}" for v in VARIANTS) + f" {'reduced/local':>14}")
     for w, times in results.items():
         med = {v: statistics.median(times[v]) for v in VARIANTS}
-        paired = statistics.median(r / l for r, l in zip(times["reduced"], times["local"]))
+        paired = statistics.median(r / loc for r, loc in zip(times["reduced"], times["local"]))
         cells = " ".join(f"{med[v] * 1e6:9.0f} ({med[v] / base:4.2f}x)" for v in VARIANTS)
         print(f"{w:>5} {cells} {paired:13.3f}x")
     fsdp = ("fsdp2 inner", "fsdp2 torch clip", "fsdp2 wrapper")
     base = statistics.median(results[args.worlds[0]]["fsdp2 wrapper"])
-    print(f"\nFSDP2, 48 DTensor gradients: medians in microseconds (rank 0); x = ratio to world {args.worlds[0]} wrapper")
+    print(
+        f"\nFSDP2, 48 DTensor gradients: medians in microseconds (rank 0); x = ratio to world {args.worlds[0]} wrapper"
+    )
     print(f"{'world':>5} " + " ".join(f"{v:>18}" for v in fsdp) + f" {'wrapper/torch':>14}")
     for w, times in results.items():
         med = {v: statistics.median(times[v]) for v in fsdp}

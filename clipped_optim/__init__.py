@@ -7,6 +7,7 @@ pre-clip norm and clip statistics in ``optimizer.state["clip"]``.
 
 from .amp_scaler import ClipGradScaler
 from .config import MODES, NONFINITE_POLICIES, ClipConfig
+from .diagnostics import plot_history
 from .modes import ClipResult, clip_grad_norm, clip_grad_norm_per_param, clip_grad_value
 from .optimizer import ClippedOptimizer
 
@@ -20,6 +21,7 @@ __all__ = [
     "clip_grad_norm",
     "clip_grad_norm_per_param",
     "clip_grad_value",
+    "plot_history",
 ]
 
 __version__ = "0.1.0"

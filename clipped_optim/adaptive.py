@@ -6,8 +6,9 @@ dict (``optimizer.state["clip"]``), so a checkpoint carries it and a resumed run
 bit-identically. No function reads a tensor value on the host: every decision is a
 ``torch.where``/``clamp`` on the device, so a step costs no device-to-host sync.
 
-A step whose norm is NaN/Inf, or that the spike detector skips, never enters a history or
-an EMA (``accept`` below): one bad batch cannot poison the threshold of every later step,
+A step that does not proceed (its norm is NaN/Inf, a GradScaler overflow, a NaN in an
+opted-out group, a spike) never enters a history or an EMA: the wrapper's gate says so
+through ``accept`` (see ``modes.Gate``), so one bad batch cannot poison the threshold of every later step,
 as it does in the reference packages.
 
 State keys (tensors on the gradients' device, in ``optimizer.state["clip"]``):
@@ -37,9 +38,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ._tensors import index_tensor
 from .config import ClipConfig
 from .modes import EPS, ClipResult, Gate, _device, _measure, global_norm_coef, held, open_gate, unscaled
-from ._tensors import index_tensor
 from .norms import GradBatch, scale_, scale_each_, tensor_norms
 from .stats import check_tensor
 
@@ -85,7 +86,9 @@ def _unit_norms(tensors: list[Tensor], units: _Units, norm_type: float, device) 
     first dimension foreach kernels cannot do."""
     parts: list[Tensor] = []
     if units.small:
-        parts.append(torch.stack([n.to(device) for n in tensor_norms(GradBatch([tensors[i] for i in units.small]), norm_type)]))
+        parts.append(
+            torch.stack([n.to(device) for n in tensor_norms(GradBatch([tensors[i] for i in units.small]), norm_type)])
+        )
     for i in units.big:
         t = tensors[i]
         acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
@@ -102,13 +105,18 @@ def agc_coefs(param_units: Tensor, grad_units: Tensor, clip_factor: float, eps: 
 
 
 @torch.no_grad()
-def run_agc(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
+def run_agc(
+    cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None
+) -> ClipResult:
     """Adaptive gradient clipping (unit-wise ratio of gradient norm to weight norm).
 
     ``grad * min(1, clip_factor * max(|w|, eps) / |grad|)`` per output unit. Equal to
     ``timm.utils.agc.adaptive_clip_grad(params, clip_factor, eps, norm_type)``. Not a scalar
     coefficient: always applied here (``apply`` is ignored), never folded.
     """
+    assert (
+        cfg.clip_factor is not None and cfg.eps is not None
+    )  # ClipConfig fills the options of its mode (narrows the types)
     dev = _device(batch, device)
     grads, params = batch.tensors, _agc_params(batch)
     units = _units(grads)
@@ -147,7 +155,9 @@ def _agc_params(batch: GradBatch) -> list[Tensor]:
         raise ValueError("mode='agc' needs the parameters beside the gradients (GradBatch(..., params=...))")
     for p, g in zip(params, batch.tensors):
         if p.shape != g.shape:  # a sparse gradient's values: no rows to measure
-            raise ValueError(f"mode='agc' needs dense gradients; got a gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+            raise ValueError(
+                f"mode='agc' needs dense gradients; got a gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}"
+            )
     return params
 
 
@@ -214,24 +224,35 @@ def quantile_sorted(sorted_: Tensor, count: Tensor, q: float) -> Tensor:
     ranks = torch.full((), q, dtype=sorted_.dtype, device=sorted_.device) * (n - 1).clamp(min=0)
     below = ranks.long()
     above = ranks.ceil().long()
-    lo = sorted_.gather(1, below.unsqueeze(1)).squeeze(1)
-    hi = sorted_.gather(1, above.unsqueeze(1)).squeeze(1)
+    # An empty row reads +inf slots: lerp(inf, inf) is NaN, which inductor refuses to fold
+    # ("sympy expression is NaN") when the history is new inside a compiled step, so empty rows
+    # interpolate zeros and are replaced by +inf afterwards. Rows with values read only values.
+    some = n > 0
+    lo = torch.where(some, sorted_.gather(1, below.unsqueeze(1)).squeeze(1), 0)
+    hi = torch.where(some, sorted_.gather(1, above.unsqueeze(1)).squeeze(1), 0)
     value = torch.lerp(lo, hi, ranks - below)
-    return torch.where(n > 0, value, torch.full_like(value, math.inf))
+    return torch.where(some, value, torch.full_like(value, math.inf))
 
 
 def _autoclip_state(cfg: ClipConfig, clip_state: dict[str, Any], rows: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    assert cfg.history_length is not None  # ClipConfig fills the options of its mode (narrows the types)
     ring = clip_state.get("autoclip_ring")
     if ring is None:
         ring = torch.full((0, cfg.history_length), math.inf, device=device)
-        clip_state.update(autoclip_ring=ring, autoclip_sorted=ring.clone(), autoclip_count=torch.zeros(0, dtype=torch.int64, device=device))
+        clip_state.update(
+            autoclip_ring=ring,
+            autoclip_sorted=ring.clone(),
+            autoclip_count=torch.zeros(0, dtype=torch.int64, device=device),
+        )
     clip_state.setdefault("autoclip_per_param", bool(cfg.per_param))
     grow = rows - ring.shape[0]
     if grow > 0:  # first step, or a param group was added
         pad = torch.full((grow, cfg.history_length), math.inf, device=device)
         clip_state["autoclip_ring"] = torch.cat([ring, pad])
         clip_state["autoclip_sorted"] = torch.cat([clip_state["autoclip_sorted"], pad])
-        clip_state["autoclip_count"] = torch.cat([clip_state["autoclip_count"], torch.zeros(grow, dtype=torch.int64, device=device)])
+        clip_state["autoclip_count"] = torch.cat(
+            [clip_state["autoclip_count"], torch.zeros(grow, dtype=torch.int64, device=device)]
+        )
     return clip_state["autoclip_ring"], clip_state["autoclip_sorted"], clip_state["autoclip_count"]
 
 
@@ -242,7 +263,9 @@ def _coef(norm: Tensor, threshold: Tensor) -> Tensor:
     return torch.clamp((norm + EPS).reciprocal() * threshold, max=1.0)
 
 
-def run_autoclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
+def run_autoclip(
+    cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None
+) -> ClipResult:
     """AutoClip: clip to the ``quantile`` of the last ``history_length`` pre-clip norms.
 
     Global (one history of global norms; ``torch.nn.utils.clip_grad_norm_`` to it) or, with
@@ -250,6 +273,7 @@ def run_autoclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, dev
     Equal to ``autoclip``'s ``QuantileClip.as_optimizer(opt, quantile, history_length,
     global_threshold=not per_param)``, whose first step clips nothing.
     """
+    assert cfg.quantile is not None  # ClipConfig fills the options of its mode (narrows the types)
     dev = _device(batch, device)
     total, stacked = _measure(batch, cfg.norm_type, grad_scale, dev)
     hold, accept = open_gate(gate, total)
@@ -265,7 +289,10 @@ def run_autoclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, dev
     return ClipResult(total, coef, stacked, threshold)
 
 
-def _autoclip_per_param(cfg: ClipConfig, batch: GradBatch, grad_scale, stacked: Tensor, hold, accept: Tensor, clip_state, dev):
+def _autoclip_per_param(
+    cfg: ClipConfig, batch: GradBatch, grad_scale, stacked: Tensor, hold, accept: Tensor, clip_state, dev
+) -> tuple[Tensor, Tensor, Tensor]:
+    assert cfg.quantile is not None  # ClipConfig fills the options of its mode (narrows the types)
     if batch.sharding is not None:
         raise NotImplementedError(
             "ClippedOptimizer: mode='autoclip' with per_param=True on sharded gradients (FSDP, DTensor, "
@@ -309,6 +336,7 @@ class ZClipState(NamedTuple):
 
 
 def _zclip_state(cfg: ClipConfig, clip_state: dict[str, Any], device) -> ZClipState:
+    assert cfg.warmup_steps is not None  # ClipConfig fills the options of its mode (narrows the types)
     if "zclip_mean" not in clip_state:
         dtype = _wide(device)
         zero = torch.zeros((), dtype=dtype, device=device)
@@ -318,7 +346,9 @@ def _zclip_state(cfg: ClipConfig, clip_state: dict[str, Any], device) -> ZClipSt
             zclip_mean=zero,
             zclip_var=zero.clone(),
         )
-    return ZClipState(clip_state["zclip_warmup"], clip_state["zclip_seen"], clip_state["zclip_mean"], clip_state["zclip_var"])
+    return ZClipState(
+        clip_state["zclip_warmup"], clip_state["zclip_seen"], clip_state["zclip_mean"], clip_state["zclip_var"]
+    )
 
 
 def _wide(device: torch.device) -> torch.dtype:
@@ -334,11 +364,16 @@ def zclip_update(cfg: ClipConfig, state: ZClipState, norm: Tensor, accept: Tenso
     initialised from them and updated as an EMA of the *clip value* (the adaptive bound on a
     spike, else the norm), before the ``max_norm`` cap, as the package does.
     """
+    assert (
+        cfg.warmup_steps is not None and cfg.alpha is not None and cfg.skip_update_on_spike is not None
+    )  # ClipConfig fills the options of its mode (narrows the types)
     g = norm.to(state.mean.dtype)
     warm = state.seen < cfg.warmup_steps
     cap = math.inf if cfg.max_norm is None else cfg.max_norm
     clip_val, spike = _zclip_clip_value(cfg, state, g)
-    bound = torch.where(warm, torch.full_like(g, cap), torch.clamp(torch.where(spike, clip_val, g.new_tensor(math.inf)), max=cap))
+    bound = torch.where(
+        warm, torch.full_like(g, cap), torch.clamp(torch.where(spike, clip_val, g.new_tensor(math.inf)), max=cap)
+    )
     spike = spike & ~warm
     # the EMA, fed the clip value; skipped on a spike with skip_update_on_spike
     alpha, beta = cfg.alpha, 1 - cfg.alpha
@@ -364,6 +399,9 @@ def _zclip_clip_value(cfg: ClipConfig, state: ZClipState, g: Tensor) -> tuple[Te
     """The package's ``_compute_clip_val``: the clip value (``g`` itself when no spike), and
     whether it is a spike. The operations follow the package's order, so the float64
     arithmetic gives its numbers to the bit."""
+    assert (
+        cfg.z_thresh is not None and cfg.clip_factor is not None
+    )  # ClipConfig fills the options of its mode (narrows the types)
     std = state.var.sqrt()
     if cfg.clip_option == "percentile":
         threshold = state.mean + cfg.z_thresh * std
@@ -388,12 +426,15 @@ def _warmup_moments(values: Tensor) -> tuple[Tensor, Tensor]:
     return mean, (dev * dev).cumsum(0)[-1] / n
 
 
-def run_zclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
+def run_zclip(
+    cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None
+) -> ClipResult:
     """ZClip: clip the global norm to an adaptive bound when its z-score against the EMA of
     past norms exceeds ``z_thresh``; ``max_norm`` caps the bound (and is the bound of the
     warm-up). Equal to ``zclip.ZClip(alpha, z_thresh, max_grad_norm=max_norm, warmup_steps,
     mode, clip_option, clip_factor, skip_update_on_spike).step(model)``.
     """
+    assert cfg.warmup_steps is not None  # ClipConfig fills the options of its mode (narrows the types)
     dev = _device(batch, device)
     total, stacked = _measure(batch, cfg.norm_type, grad_scale, dev)
     hold, accept = open_gate(gate, total)
@@ -402,7 +443,7 @@ def run_zclip(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device
     # bit; sharded, the per-tensor norms are of local pieces and only the total is global
     exact = cfg.norm_type == 2 and batch.sharding is None
     znorm = torch.sqrt(torch.sum(torch.pow(stacked, 2))) if exact else total
-    bound, spike, new = zclip_update(cfg, state, znorm, accept)
+    bound, _spike, new = zclip_update(cfg, state, znorm, accept)
     g = znorm.to(bound.dtype)
     zcoef = torch.where(g > bound, bound / (g + 1e-6), torch.ones_like(g)).to(total.dtype)
     # the package's warm-up clips with torch.nn.utils.clip_grad_norm_ (its norm, its formula)
@@ -438,9 +479,15 @@ def spike_gate(cfg: ClipConfig, clip_state: dict[str, Any], total: Tensor, enter
     ``enter`` (0-dim bool) says whether the norm may enter the window at all: not when it is
     NaN/Inf, nor when the step is skipped for another reason (an overflow, a NaN elsewhere).
     """
+    assert (
+        cfg.spike_window is not None and cfg.spike_sigma is not None
+    )  # ClipConfig fills the options of its mode (narrows the types)
     device = total.device
     if "spike_ring" not in clip_state:
-        clip_state.update(spike_ring=torch.zeros(cfg.spike_window, dtype=_wide(device), device=device), spike_count=torch.zeros((), dtype=torch.int64, device=device))
+        clip_state.update(
+            spike_ring=torch.zeros(cfg.spike_window, dtype=_wide(device), device=device),
+            spike_count=torch.zeros((), dtype=torch.int64, device=device),
+        )
     ring, count = clip_state["spike_ring"], clip_state["spike_count"]
     min_count = min(cfg.spike_window, max(20, cfg.spike_window // 2))  # as OLMo-core
     spike, bound = spike_test(ring, count, total, cfg.spike_sigma, min_count)

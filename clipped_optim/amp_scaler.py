@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["ClipGradScaler", "report_found_inf"]
+__all__ = ["ClipGradScaler", "report_found_inf", "fills_found_inf"]
 
 _ATTR = "_clip_found_inf"
 
@@ -60,3 +60,10 @@ def report_found_inf(opt: Optimizer, total_norm: Tensor, found_inf: Tensor | Non
     flag = (~torch.isfinite(total_norm)).to(slot.device, slot.dtype)
     slot.copy_(flag)
     return flag if found_inf is None else found_inf + flag
+
+
+def fills_found_inf(opt: Optimizer) -> bool:
+    """Whether this step fills the overflow flag that the scaler's ``update()`` reads: under
+    :class:`ClipGradScaler` the flag comes from the norm, which is global when sharded. Not
+    after ``scaler.unscale_(opt)``, whose flag GradScaler computed from this rank's gradients."""
+    return _ATTR in opt.__dict__

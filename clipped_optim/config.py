@@ -96,7 +96,9 @@ class ClipConfig:
         _choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         if self.mode not in MAX_NORM_MODES and self.max_norm is not DEFAULT_MAX_NORM:
             readers = ", ".join(map(repr, MAX_NORM_MODES))
-            raise _fail("max_norm", self.max_norm, f"max_norm is only used with mode in ({readers}), not mode={self.mode!r}")
+            raise _fail(
+                "max_norm", self.max_norm, f"max_norm is only used with mode in ({readers}), not mode={self.mode!r}"
+            )
         if self.max_norm is None and self.mode != "zclip":
             raise _fail("max_norm", None, "expected a positive finite number (None, no cap, only with mode='zclip')")
         if self.max_norm is not None:
@@ -107,10 +109,16 @@ class ClipConfig:
                 raise _fail("clip_value", None, "mode='value' needs clip_value, a positive finite number")
             set_(self, "clip_value", _positive_finite("clip_value", self.clip_value))
         elif self.clip_value is not None:
-            raise _fail("clip_value", self.clip_value, f"clip_value is only used with mode='value', not mode={self.mode!r}")
+            raise _fail(
+                "clip_value", self.clip_value, f"clip_value is only used with mode='value', not mode={self.mode!r}"
+            )
         if self.foreach is not None and not isinstance(self.foreach, bool):
             raise _fail("foreach", self.foreach, "expected True, False or None (pick per device)")
-        if not isinstance(self.history_size, numbers.Integral) or isinstance(self.history_size, bool) or self.history_size < 0:
+        if (
+            not isinstance(self.history_size, numbers.Integral)
+            or isinstance(self.history_size, bool)
+            or self.history_size < 0
+        ):
             raise _fail("history_size", self.history_size, "expected an integer >= 0 (0 keeps no history)")
         set_(self, "history_size", int(self.history_size))
         check_process_group(self.process_group)
@@ -166,7 +174,7 @@ def _flag(arg: str, value: Any) -> bool:
 
 
 def _open_unit(arg: str, value: Any, lo_closed: bool, hi_closed: bool) -> float:
-    ok = _is_real(value) and (0 <= value if lo_closed else 0 < value) and (value <= 1 if hi_closed else value < 1)
+    ok = _is_real(value) and (value >= 0 if lo_closed else value > 0) and (value <= 1 if hi_closed else value < 1)
     if not ok:
         lo, hi = "[" if lo_closed else "(", "]" if hi_closed else ")"
         raise _fail(arg, value, f"expected a number in {lo}0, 1{hi}")

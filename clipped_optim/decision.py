@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import adaptive
+from . import adaptive, distributed
 from .amp_scaler import report_found_inf
 from .config import ClipConfig
 
@@ -29,7 +29,8 @@ class StepGate:
 
     Attributes (set by the call):
         finite: 0-dim bool, whether every gradient (opted-out groups included) is finite.
-        skip: 0-dim float32, 1.0 when the update is skipped (the fused kernels' ``found_inf``).
+        hold: 0-dim bool, whether the update is skipped.
+        skip: the same as float32 1.0/0.0 (the fused kernels' ``found_inf``).
 
     Args:
         config: the wrapper's options (the non-finite policy, spike skipping).
@@ -40,7 +41,18 @@ class StepGate:
         spikes: whether to run the spike detector (not for a closure's re-evaluations).
     """
 
-    __slots__ = ("config", "clip_state", "found_inf", "reporter", "spikes", "poison", "finite", "skip")
+    __slots__ = (
+        "config",
+        "clip_state",
+        "found_inf",
+        "reporter",
+        "spikes",
+        "poison",
+        "sharding",
+        "finite",
+        "hold",
+        "skip",
+    )
 
     def __init__(
         self,
@@ -54,33 +66,48 @@ class StepGate:
         self.reporter, self.spikes = reporter, spikes
         #: 0 (or NaN) from the groups that are not clipped: their NaN/Inf must hold the step too
         self.poison: Tensor | None = None
-        self.finite: Tensor | None = None  # pragma: no mutate (the gate sets it; every built-in mode calls it)
-        self.skip: Tensor | None = None  # pragma: no mutate (likewise)
+        #: sharded: the poison arrives with the mode's all-reduce (distributed.attach_unclipped)
+        self.sharding: Any = None
+        self.finite: Tensor | None = None
+        self.hold: Tensor | None = None
+        self.skip: Tensor | None = None
 
-    def __call__(self, total: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, total: Tensor) -> tuple[Tensor | None, Tensor]:
         """``(hold, accept)`` for the pre-clip total norm ``total`` (see ``modes.Gate``)."""
+        if self.sharding is not None:
+            self.poison = distributed.unclipped_poison(total, self.sharding)
         everything = total if self.poison is None else total + self.poison
         finite = torch.isfinite(everything)
+        total_finite = finite if self.poison is None else torch.isfinite(total)
         found = self.found_inf
         if self.reporter is not None:  # under ClipGradScaler: the overflow flag is ours to write
             found = report_found_inf(self.reporter, everything, found)
-        blocked = torch.zeros_like(finite) if self.config.nonfinite == "propagate" else ~finite
-        if found is not None:
-            blocked = blocked | (found.to(finite.device) > 0)
-        hold = blocked
+        # hold is None when nothing can stop the step (propagate, no GradScaler, no spikes)
+        hold = None if self.config.nonfinite == "propagate" else ~finite
+        if found is not None:  # GradScaler sums it over devices: it can exceed 1
+            overflow = found.to(finite.device) > 0
+            hold = overflow if hold is None else hold | overflow
         if self.spikes and self.config.skip_spikes:
-            enter = torch.isfinite(total) & ~blocked
-            hold = blocked | adaptive.spike_gate(self.config, self.clip_state, total, enter)
-        self.finite, self.skip = finite, hold.float()
-        return hold, torch.isfinite(total) & ~hold
+            blocked = torch.zeros_like(finite) if hold is None else hold
+            hold = blocked | adaptive.spike_gate(self.config, self.clip_state, total, total_finite & ~blocked)
+        self.finite = finite
+        self.hold = torch.zeros_like(finite) if hold is None else hold
+        self.skip = self.hold.float()  # exactly 1.0: the CPU fused kernels skip on nothing else
+        if hold is None or (found is None and not self.config.skip_spikes and self.poison is None):
+            return hold, total_finite  # hold is ~finite or nothing: accept every finite norm, no op
+        return hold, total_finite & ~hold
 
     def settle(self, total: Tensor) -> None:
         """Decide now if the mode never asked (it had nothing to hold)."""
         if self.skip is None:
-            self(total)  # pragma: no mutate (every built-in mode calls the gate itself)
+            self(total)
+
+    def decided(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(finite, hold, skip)`` once the gate has been called (see the attributes)."""
+        assert self.finite is not None and self.hold is not None and self.skip is not None, "the gate was not asked"
+        return self.finite, self.hold, self.skip
 
     def mark_nonfinite(self) -> None:
         """A closure's re-evaluation produced NaN/Inf: the step is skipped after all."""
-        assert self.skip is not None
-        self.finite = torch.zeros_like(self.finite)
-        self.skip = torch.ones_like(self.skip)
+        finite, hold, skip = self.decided()
+        self.finite, self.hold, self.skip = torch.zeros_like(finite), torch.ones_like(hold), torch.ones_like(skip)

@@ -12,8 +12,9 @@ so call them when logging (every 50 or 100 steps), not every step.
 * :func:`plot_history` draws the norm history with the threshold (matplotlib, imported
   inside the function: ``pip install clipped_optim[examples]``).
 
-Nothing here needs a logging library; the core package does not import this module until
-``ClippedOptimizer.stats()``/``report()`` is called.
+Nothing here needs a logging library or matplotlib at import time: ``plot_history`` is exported
+from the package's top level (``from clipped_optim import plot_history``) and imports
+matplotlib only when called.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def clip_report(optimizer: Any, window: int | None = None) -> ClipReport:
     steps, rows = _unroll(flat[len(counters) :].view(history.shape), total, first)
     if window is not None:
         steps, rows = steps[-window:], rows[-window:]
-    norms, thresholds, coefs, skipped = rows.unbind(1)
+    norms, thresholds, coefs, skip_flags = rows.unbind(1)
     finite = torch.isfinite(norms)
     clipped_mask = (coefs < 1) & finite
     percentiles = _percentiles(norms[finite])
@@ -180,7 +181,7 @@ def clip_report(optimizer: Any, window: int | None = None) -> ClipReport:
         window=len(steps),
         clipped=int(clipped_mask.sum()),
         clipped_fraction=float(clipped_mask.double().mean()) if steps else 0.0,
-        skipped=int(skipped.sum()),
+        skipped=int(skip_flags.sum()),
         nonfinite_total=nonfinite_total,
         percentiles=percentiles,
         threshold=threshold,
@@ -189,7 +190,7 @@ def clip_report(optimizer: Any, window: int | None = None) -> ClipReport:
         norms=norms.tolist(),
         thresholds=thresholds.tolist(),
         coefs=coefs.tolist(),
-        skipped_mask=(skipped > 0).tolist(),
+        skipped_mask=(skip_flags > 0).tolist(),
     )
     report.advice = advise(report)
     return report

@@ -23,15 +23,28 @@ __all__ = ["run_mode", "SCALAR_MODES", "is_scalar"]
 Runner = Callable[..., ClipResult]
 
 
-def _norm(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
-    return modes.clip_grad_norm(batch, cfg.max_norm, cfg.norm_type, grad_scale=grad_scale, apply=apply, device=device, gate=gate)
+def _norm(
+    cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None
+) -> ClipResult:
+    assert cfg.max_norm is not None  # ClipConfig requires it for this mode
+    return modes.clip_grad_norm(
+        batch, cfg.max_norm, cfg.norm_type, grad_scale=grad_scale, apply=apply, device=device, gate=gate
+    )
 
 
-def _per_param(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
-    return modes.clip_grad_norm_per_param(batch, cfg.max_norm, cfg.norm_type, grad_scale=grad_scale, device=device, gate=gate)
+def _per_param(
+    cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None
+) -> ClipResult:
+    assert cfg.max_norm is not None  # ClipConfig requires it for this mode
+    return modes.clip_grad_norm_per_param(
+        batch, cfg.max_norm, cfg.norm_type, grad_scale=grad_scale, device=device, gate=gate
+    )
 
 
-def _value(cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None) -> ClipResult:
+def _value(
+    cfg: ClipConfig, batch: GradBatch, grad_scale, apply: bool, device, clip_state, gate: Gate | None = None
+) -> ClipResult:
+    assert cfg.clip_value is not None  # ClipConfig requires it for this mode
     return modes.clip_grad_value(batch, cfg.clip_value, cfg.norm_type, grad_scale=grad_scale, device=device, gate=gate)
 
 

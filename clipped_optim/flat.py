@@ -82,7 +82,7 @@ class FlatLayout:
         for views, _ in self.singles:
             acc = torch.float32 if views[0].dtype in _HALF else None
             if foreach is not False:
-                norms = torch._foreach_norm(views, norm_type, dtype=acc)
+                norms: list[Tensor] | tuple[Tensor, ...] = torch._foreach_norm(views, norm_type, dtype=acc)
             else:
                 norms = [torch.linalg.vector_norm(v, norm_type, dtype=acc) for v in views]
             parts.append(torch.stack(norms).to(self._device))
@@ -100,8 +100,12 @@ class FlatLayout:
 
     def clamp_(self, clip_value: float | Tensor) -> None:
         for (device, dtype), buf in self.buffers.items():
-            bound = clip_value.to(device, dtype.to_real()) if isinstance(clip_value, Tensor) else clip_value
-            (torch.view_as_real(buf) if dtype.is_complex else buf).clamp_(-bound, bound)
+            real = torch.view_as_real(buf) if dtype.is_complex else buf
+            if isinstance(clip_value, Tensor):
+                bound = clip_value.to(device, dtype.to_real())
+                real.clamp_(-bound, bound)
+            else:
+                real.clamp_(-clip_value, clip_value)
 
 
 @torch.compiler.disable  # dynamo cannot trace data_ptr(): a graph break, run eagerly
@@ -248,4 +252,3 @@ class FlatGrads:
                     else:
                         g.requires_grad_(False)
                     g.zero_()
-

@@ -42,15 +42,15 @@ class ClipResult(NamedTuple):
             the smallest one, for value clipping the ratio of the post- to the pre-clip norm.
         param_norms: pre-clip norm of each gradient, 1-D, in input order.
         threshold: the bound in effect (``max_norm``, or ``clip_value``), 0-dim.
-        skip: ``None``, or a 0-dim bool tensor: True asks the wrapper to skip the update
-            (a mode that detects a spike); a skipped step is handled like a non-finite one.
+
+    Whether the step proceeds is not the mode's to say: the gate it is handed decides (see
+    :data:`Gate`), and the mode only holds the gradients when told to.
     """
 
     total_norm: Tensor
     clip_coef: Tensor
     param_norms: Tensor
     threshold: Tensor
-    skip: Tensor | None = None
 
 
 #: Called by a mode once it has measured, before it changes any gradient: from the step's
@@ -70,7 +70,7 @@ def open_gate(gate: Gate | None, total: Tensor) -> tuple[Tensor | None, Tensor]:
 def held(coef: Tensor, hold: Tensor | None) -> Tensor:
     """``coef``, or 1 where ``hold``: the coefficient of a step that will not proceed, which
     leaves the gradients bit-identical (a ``where`` on the device, not a host branch)."""
-    return coef if hold is None else torch.where(hold, torch.ones_like(coef), coef)
+    return coef if hold is None else torch.where(hold, 1.0, coef)
 
 
 def unscaled(factor: Tensor, grad_scale: Tensor | None, device: torch.device) -> Tensor:

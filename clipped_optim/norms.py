@@ -12,6 +12,7 @@ float32.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -22,10 +23,12 @@ from torch.utils._foreach_utils import (
 
 from .distributed import Sharding, reduce_total_norm
 
+if TYPE_CHECKING:
+    from .flat import FlatLayout
+
 __all__ = ["GradBatch", "tensor_norms", "total_norm", "scale_", "scale_each_", "clamp_"]
 
 _HALF = (torch.float16, torch.bfloat16)
-
 
 
 class GradBatch:
@@ -59,11 +62,13 @@ class GradBatch:
         self.n_total = n_total
         grouped = _group_tensors_by_device_and_dtype([self.tensors], with_indices=True) if self.tensors else {}  # type: ignore[list-item]
         # {(device, dtype): (tensors, positions in self.tensors)}
-        self.groups = {key: (lists[0], idx) for key, (lists, idx) in grouped.items()}
+        self.groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {
+            key: (cast(list[Tensor], lists[0]), idx) for key, (lists, idx) in grouped.items()
+        }
         self.foreach = foreach
         # flat_grads=True: a clipped_optim.flat.FlatLayout whose buffers the tensors are views
         # of; the norm, scale and clamp below then act on the buffers (one kernel each).
-        self.flat = None
+        self.flat: FlatLayout | None = None
 
     def set_owners(self, params: Sequence[Tensor], positions: Sequence[int], n_total: int) -> None:
         """Record the parameters of the tensors, their positions in optimizer order and the
@@ -89,7 +94,7 @@ def as_batch(grads: Tensor | Sequence[Tensor] | GradBatch, foreach: bool | None 
     return GradBatch([grads] if isinstance(grads, Tensor) else grads, foreach)
 
 
-def tensor_norms(batch: GradBatch, norm_type: float) -> list[Tensor]:
+def tensor_norms(batch: GradBatch, norm_type: float) -> list[Tensor] | Tensor:
     """Per-tensor ``norm_type``-norms, in the order of ``batch.tensors``.
 
     float32 (or wider) results; half-precision inputs accumulate in float32. A flat batch
@@ -101,7 +106,7 @@ def tensor_norms(batch: GradBatch, norm_type: float) -> list[Tensor]:
     for (device, dtype), (group, idx) in batch.groups.items():
         acc = torch.float32 if dtype in _HALF else None
         if batch.use_foreach(device):
-            norms = torch._foreach_norm(group, norm_type, dtype=acc)
+            norms: Sequence[Tensor] = torch._foreach_norm(group, norm_type, dtype=acc)
         else:
             norms = [torch.linalg.vector_norm(g, norm_type, dtype=acc) for g in group]
         for i, n in zip(idx, norms):
@@ -110,7 +115,7 @@ def tensor_norms(batch: GradBatch, norm_type: float) -> list[Tensor]:
 
 
 def total_norm(
-    norms: Sequence[Tensor], norm_type: float, device: torch.device, sharding: Sharding | None = None
+    norms: Sequence[Tensor] | Tensor, norm_type: float, device: torch.device, sharding: Sharding | None = None
 ) -> tuple[Tensor, Tensor]:
     """Reduce per-tensor norms to the global norm, exactly as ``torch.nn.utils.get_total_norm``.
 
@@ -129,7 +134,7 @@ def total_norm(
     return torch.linalg.vector_norm(stacked, norm_type), stacked
 
 
-def _stack_on(norms: Sequence[Tensor], device: torch.device) -> Tensor:
+def _stack_on(norms: Sequence[Tensor] | Tensor, device: torch.device) -> Tensor:
     """``norms`` as one 1-D tensor on ``device``: one stack and one copy, not a ``.to()`` per
     norm (~0.3 us each in Python: 120 us of a 400-tensor step)."""
     if isinstance(norms, Tensor):  # already stacked (a flat batch)
@@ -180,12 +185,17 @@ def clamp_(batch: GradBatch, clip_value: float | Tensor) -> None:
     for (device, dtype), (group, _) in batch.groups.items():
         if dtype.is_complex:
             group = [torch.view_as_real(g) for g in group]
-        bound = clip_value.to(device, dtype.to_real(), non_blocking=True) if isinstance(clip_value, Tensor) else clip_value
+        bound = (
+            clip_value.to(device, dtype.to_real(), non_blocking=True) if isinstance(clip_value, Tensor) else clip_value
+        )
         if batch.use_foreach(device):
             # the foreach clamps take a Python number, or one tensor per input
             lo, hi = ([-bound] * len(group), [bound] * len(group)) if isinstance(bound, Tensor) else (-bound, bound)
             torch._foreach_clamp_min_(group, lo)
             torch._foreach_clamp_max_(group, hi)
+        elif isinstance(bound, Tensor):
+            for g in group:
+                g.clamp_(-bound, bound)
         else:
             for g in group:
                 g.clamp_(-bound, bound)

@@ -17,11 +17,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import adaptive, amp, distributed, modes, stats
+from ._tensors import index_tensor
+from .amp_scaler import fills_found_inf
 from .config import DEFAULT_MAX_NORM, ClipConfig
 from .decision import StepGate
 from .dispatch import is_scalar, run_mode
 from .flat import FlatGrads
-from ._tensors import index_tensor
 from .norms import GradBatch, scale_, tensor_norms, total_norm
 
 __all__ = ["ClippedOptimizer"]
@@ -62,7 +63,7 @@ class _Snapshot:
         with torch.no_grad():
             for p, v in zip(self.params, self.values):
                 p.copy_(v)
-        state = self.inner.state
+        state: dict[Any, Any] = self.inner.state
         clip = state.get(stats.STATE_KEY)
         state.clear()
         state.update(self.state)
@@ -89,9 +90,10 @@ class ClippedOptimizer(Optimizer):
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
         mode: ``"norm"`` (global norm over all gradients), ``"per_param"`` (each gradient
             tensor to ``max_norm`` on its own), ``"value"`` (element-wise clamp), or an
-            adaptive mode: ``"agc"``, ``"autoclip"``, ``"zclip"`` (see docs/adaptive.md).
-        max_norm: the norm bound for ``"norm"``/``"per_param"``; 1.0 is the usual choice
-            for transformers. For ``"zclip"`` the cap on its bound (``None``: no cap).
+            adaptive mode: ``"agc"``, ``"autoclip"``, ``"zclip"`` (options and defaults below).
+        max_norm: the norm bound for ``"norm"``/``"per_param"`` (default 1.0, the usual choice
+            for transformers). For ``"zclip"`` the cap on its bound (default 1.0, as the zclip
+            package; ``None``: no cap).
         norm_type: p of the p-norm (> 0, or ``inf``); also the norm recorded in every mode.
         clip_value: the bound of ``mode="value"`` (required there, rejected elsewhere).
         nonfinite: what a step whose gradients hold NaN/Inf does. ``"skip"`` leaves the
@@ -108,14 +110,39 @@ class ClippedOptimizer(Optimizer):
         flat_grads: keep the gradients as views into one contiguous buffer per (device, dtype),
             so the clip is one kernel whatever the parameter count; ``zero_grad()`` then zeroes
             the buffer instead of freeing it (see :mod:`clipped_optim.flat`).
-        clip_factor, eps, quantile, history_length, per_param, alpha, z_thresh, warmup_steps,
-            clip_option, skip_update_on_spike: options of the adaptive modes ``"agc"``,
-            ``"autoclip"`` and ``"zclip"`` (``None``: the mode's default; an option another
-            mode reads is rejected). ``max_norm`` is ZClip's cap (``None``: no cap).
-            See :mod:`clipped_optim.adaptive` and docs/adaptive.md.
+        clip_factor: ``"agc"``: each output unit's gradient norm is clipped to
+            ``clip_factor * max(||w||, eps)`` (default 0.01). ``"zclip"``: multiplier of its
+            adaptive-scaling bound (default 1.0).
+        eps: ``"agc"``: floor on the weight norm, so zero-initialised units can move
+            (default 1e-3).
+        quantile: ``"autoclip"``: the bound is this quantile of the past norms, in [0, 1]
+            (default 0.9).
+        history_length: ``"autoclip"``: how many past norms are kept (default 1000).
+        per_param: ``"autoclip"``: one history and one bound per parameter tensor
+            (default False).
+        alpha: ``"zclip"``: EMA factor of the norm's mean and variance, in (0, 1)
+            (default 0.97).
+        z_thresh: ``"zclip"``: z-score above which a norm counts as a spike and is clipped to
+            an adaptive bound (default 2.5).
+        warmup_steps: ``"zclip"``: norms collected before the EMA starts; until then only the
+            ``max_norm`` cap clips (default 25).
+        clip_option: ``"zclip"``: the bound on a spike: ``"adaptive_scaling"`` (default),
+            ``"mean"``, or ``"percentile"`` (always ``mean + z_thresh * std``).
+        skip_update_on_spike: ``"zclip"``: leave the EMA unchanged on a spike (default False).
         skip_spikes: skip the whole update when the pre-clip norm exceeds the mean of its
-            rolling window of ``spike_window`` (128) norms by ``spike_sigma`` (6) standard
-            deviations; any mode. Counted in ``skipped_steps``.
+            rolling window of ``spike_window`` norms by ``spike_sigma`` standard deviations;
+            any mode. Counted in ``skipped_steps`` (default False).
+        spike_sigma: with ``skip_spikes=True``: the number of standard deviations
+            (default 6.0).
+        spike_window: with ``skip_spikes=True``: the norms in the rolling window
+            (default 128).
+
+    The adaptive options are those of the reference implementations, with their defaults:
+    timm's ``adaptive_clip_grad`` (``"agc"``), the autoclip package's ``QuantileClip``
+    (``"autoclip"``), the zclip package's ``ZClip`` (``"zclip"``, whose ``max_grad_norm=1.0`` is
+    ``max_norm`` here), OLMo-core's ``SkipStepOptimizer`` (``skip_spikes``). ``None`` means the
+    default; an option the chosen mode does not read is rejected with ``ValueError``. See
+    :mod:`clipped_optim.adaptive`.
 
     ``"skip"`` and ``"raise"`` need to know on the host whether the norm is finite before the
     inner step: that is the one device-to-host sync of a step. A fused inner optimizer
@@ -265,6 +292,11 @@ class ClippedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = amp.scaler_args(self)
+        # Sharded: refuse a rank-local overflow flag; at the first step, check that the
+        # ranks agree (see clipped_optim.distributed.before_step).
+        distributed.before_step(
+            self._reduction, self.config, self.param_groups, self._clip_state(), found_inf, fills_found_inf(self)
+        )
         fused = amp.folds_into_kernel(self.optimizer)
         pending = self._prepare(grad_scale, found_inf, fused and self._can_fold())
         must_raise = self.config.nonfinite == "raise" and found_inf is None
@@ -275,7 +307,7 @@ class ClippedOptimizer(Optimizer):
             if fused:  # the kernel unscales, clips and skips by itself: no host sync
                 coef = pending.result.clip_coef
                 divisor = (1.0 if grad_scale is None else grad_scale) / coef if pending.folded else None
-                with amp.fused_kernel_args(self.optimizer, divisor, pending.gate.skip):
+                with amp.fused_kernel_args(self.optimizer, divisor, pending.gate.decided()[2]):
                     out = self._inner_step(closure, loss)
             else:
                 out = self._inner_step(closure, loss)
@@ -294,7 +326,6 @@ class ClippedOptimizer(Optimizer):
             state = dict(self._clip_state())
             gate = StepGate(self.config, state, found_inf, reporter=self)
             result, folded = self._clip(grad_scale, fold, state, gate)
-            gate.settle(result.total_norm)
         return _Pending(result, folded, gate, state)
 
     def _commit(self, pending: _Pending) -> None:
@@ -302,7 +333,8 @@ class ClippedOptimizer(Optimizer):
         is done (proceeded or skipped), so one that raised is not recorded."""
         state = self._clip_state()
         state.update(pending.state)  # the adaptive updates, already gated by the decision
-        stats.record(state, pending.result, pending.gate.finite, pending.gate.skip > 0)
+        finite, hold, _ = pending.gate.decided()
+        stats.record(state, pending.result, finite, hold)
 
     def _clip_and_record(self, grad_scale: Tensor | None, found_inf: Tensor | None, fold: bool):
         """Everything a step does besides the inner step, with no host sync (it compiles with
@@ -323,7 +355,8 @@ class ClippedOptimizer(Optimizer):
         nothing else to skip for. Under ``"raise"`` the same read also raises.
         """
         if must_raise:
-            skip, bad = torch.stack([pending.gate.skip > 0, ~pending.gate.finite]).tolist()
+            finite, hold, _ = pending.gate.decided()
+            skip, bad = torch.stack([hold, ~finite]).tolist()
             if bad:
                 self._raise_nonfinite()
             return skip
@@ -350,7 +383,9 @@ class ClippedOptimizer(Optimizer):
         """Raise for the policy "raise", naming every parameter whose gradient norm is NaN/Inf
         (opted-out groups included). The gradients were held: they are as backward left them."""
         params = [p for g in self.param_groups for p in g["params"]]
-        bad = [i for i, p in enumerate(params) if p.grad is not None and not _finite_norm(p.grad, self.config.norm_type)]
+        bad = [
+            i for i, p in enumerate(params) if p.grad is not None and not _finite_norm(p.grad, self.config.norm_type)
+        ]
         step = int(self._clip_state()["steps"]) + 1
         where = f"by index in optimizer order: {bad}" if bad else "none alone: the global norm overflowed"
         raise FloatingPointError(
@@ -387,8 +422,7 @@ class ClippedOptimizer(Optimizer):
             with torch.no_grad():
                 scratch = dict(self._clip_state())
                 gate = StepGate(self.config, scratch, spikes=False)
-                result, _ = self._clip(None, False, scratch, gate)
-                gate.settle(result.total_norm)
+                self._clip(None, False, scratch, gate)
             if self.config.nonfinite != "propagate" and bool(gate.skip):
                 raise _NonFiniteEvaluation
             return again
@@ -409,15 +443,21 @@ class ClippedOptimizer(Optimizer):
             gathered, batch = self._flat.gather(self._gather_grads, self.param_groups, self.config.foreach)
             clipped, unclipped, positions, n_params, params = gathered
         batch.set_owners(params, positions, n_params)  # for AGC and per-parameter AutoClip
-        # Sharded: every rank must join the opt-outs' all-reduce, so decide by the groups, not
-        # by which gradients this rank happens to have.
-        if unclipped or (self._reduction is not None and not self._all_groups_clipped()):
-            local, sharding = distributed.local_grads(unclipped, self._reduction)
-            gate.poison = self._unclipped_poison(GradBatch(local, self.config.foreach, sharding), grad_scale, clip_state)
         # A fused kernel takes grad_scale in float32 only: folding 1/coef would round a
         # float64 gradient's clip to float32 precision, so float64 gradients are scaled here.
         fold = fold and all(dtype != torch.float64 for _, dtype in batch.groups)
-        result = run_mode(self.config, batch, grad_scale, not fold, clip_state["steps"].device, clip_state, gate)
+        device = clip_state["steps"].device
+        if batch.sharding is not None:
+            # Sharded: the opt-outs' finiteness rides on the mode's all-reduce, sent by every
+            # rank whether or not it holds an opted-out group; the gate reads it once the mode
+            # has reduced (see clipped_optim.distributed).
+            distributed.attach_unclipped(batch.sharding, self._unclipped_norms(unclipped, grad_scale), device)
+            gate.sharding = batch.sharding
+        elif unclipped:  # measured before the mode runs, so that the gate holds the clipped gradients too
+            norms = self._unclipped_norms(unclipped, grad_scale)
+            gate.poison = total_norm(norms, self.config.norm_type, device)[0] * 0
+        result = run_mode(self.config, batch, grad_scale, not fold, device, clip_state, gate)
+        gate.settle(result.total_norm)
         if gate.poison is not None:
             result = result._replace(total_norm=result.total_norm + gate.poison)
         if len(positions) != n_params:
@@ -426,15 +466,15 @@ class ClippedOptimizer(Optimizer):
             result = result._replace(param_norms=full.index_copy_(0, index, result.param_norms))
         return result, fold
 
-    def _unclipped_poison(self, batch: GradBatch, grad_scale: Tensor | None, clip_state: dict[str, Any]) -> Tensor:
-        """Opted-out groups are not clipped, but they are unscaled, and NaN/Inf in them still
-        counts: 0, or NaN when one of their gradients is not finite (measured before the mode
-        runs, so that the gate holds the clipped gradients too)."""
+    def _unclipped_norms(self, unclipped: list[Tensor], grad_scale: Tensor | None) -> list[Tensor]:
+        """The opted-out gradients' norms (this rank's pieces), after unscaling them in place:
+        opted-out groups are not clipped, but NaN/Inf in them still counts (their norms enter
+        ``total_norm`` only through their finiteness)."""
+        local, _ = distributed.local_grads(unclipped, self._reduction)
+        batch = GradBatch(local, self.config.foreach)
         if grad_scale is not None:
             scale_(batch, grad_scale.reciprocal())
-        norms = tensor_norms(batch, self.config.norm_type)
-        # total_norm reduces over the ranks when sharded: a NaN on one rank poisons all of them.
-        return total_norm(norms, self.config.norm_type, clip_state["steps"].device, batch.sharding)[0] * 0
+        return list(tensor_norms(batch, self.config.norm_type))  # a plain batch: a list already
 
     def _gather_grads(self) -> tuple[list[Tensor], list[Tensor], list[int], int, list[Tensor]]:
         """The gradients to clip, their positions in optimizer order, the others, the number
@@ -461,7 +501,7 @@ class ClippedOptimizer(Optimizer):
 
     # -- statistics and checkpoints
     def _clip_state(self) -> dict[str, Any]:
-        state = self.optimizer.state
+        state: dict[Any, Any] = self.optimizer.state  # parameters as keys, and the string "clip"
         if stats.STATE_KEY not in state:  # fresh, or a plain inner state_dict was loaded
             state[stats.STATE_KEY] = stats.new_clip_state(self.config.mode, self._device(), self.config.history_size)
         return state[stats.STATE_KEY]
@@ -496,7 +536,8 @@ class ClippedOptimizer(Optimizer):
             state_dict = pre_hook(self, state_dict) or state_dict
         clip = self._restored_clip_state(_find_clip_state(state_dict))
         self.optimizer.load_state_dict(state_dict)  # torch checks the groups before it assigns
-        self.optimizer.state[stats.STATE_KEY] = clip
+        inner_state: dict[Any, Any] = self.optimizer.state
+        inner_state[stats.STATE_KEY] = clip
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -545,6 +586,12 @@ class ClippedOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
+        # A new group may change where the norm is reduced (DTensor parameters).
+        try:
+            self._reduction = distributed.plan_reduction(self.config, self.param_groups, self._reduction)
+        except ValueError:
+            self.optimizer.param_groups.pop()
+            raise
 
     def __getstate__(self) -> dict[str, Any]:
         # Like torch.optim.Optimizer, hooks are not pickled (they are often lambdas); nor is

@@ -63,9 +63,17 @@ def check_tensor(key: str, value: Any, ndim: int, kind: str, shape: tuple[int | 
     if ok and shape is not None:
         ok = all(want is None or want == got for want, got in zip(shape, value.shape))
     if not ok:
-        got = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
-        want = f"a {ndim}-dim {kind} tensor" + ("" if shape is None else f" of shape {tuple('*' if d is None else d for d in shape)}")
-        raise ValueError(f"ClippedOptimizer: the checkpoint's clip state has an invalid {key!r}: expected {want}, got {got}")
+        got = (
+            f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+            if isinstance(value, Tensor)
+            else type(value).__name__
+        )
+        want = f"a {ndim}-dim {kind} tensor" + (
+            "" if shape is None else f" of shape {tuple('*' if d is None else d for d in shape)}"
+        )
+        raise ValueError(
+            f"ClippedOptimizer: the checkpoint's clip state has an invalid {key!r}: expected {want}, got {got}"
+        )
 
 
 _INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -75,7 +83,7 @@ _KEYS: dict[str, tuple[int, str, tuple[int | None, ...] | None]] = {
     "clip_coef": (0, "float", None),
     "threshold": (0, "float", None),
     "param_norms": (1, "float", None),
-    **{name: (0, "int", None) for name in COUNTERS},
+    **dict.fromkeys(COUNTERS, (0, "int", None)),
     "history": (2, "float", (None, len(HISTORY_COLUMNS))),
     "history_start": (0, "int", None),
 }
@@ -133,5 +141,7 @@ def record(state: dict[str, Any], result: Any, finite: Tensor, skipped: Tensor) 
 
 def _record_history(history: Tensor, step: Tensor, result: Any, skipped: Tensor) -> None:
     # The row index stays a device tensor (index_copy_), so this costs no host sync.
-    row = torch.stack([t.detach().to(history) for t in (result.total_norm, result.threshold, result.clip_coef, skipped)])
+    row = torch.stack(
+        [t.detach().to(history) for t in (result.total_norm, result.threshold, result.clip_coef, skipped)]
+    )
     history.index_copy_(0, (step % history.shape[0]).view(1), row.view(1, -1))

@@ -1,7 +1,7 @@
 """Mixed precision: bf16 autocast, and fp16-style loss scaling with ``GradScaler``.
 
     python examples/amp.py            # CPU: bf16 autocast, then GradScaler("cpu")
-    python examples/amp.py --cuda     # the same on a GPU (fp16 autocast + GradScaler)
+    python examples/amp.py --cuda     # the same on a GPU (fp16 autocast + GradScaler); needs CUDA
 
 With a ``GradScaler``, call ``scaler.step(opt)`` on the ClippedOptimizer itself and do **not**
 call ``scaler.unscale_`` first: the scaler hands the wrapper the scale, and the wrapper clips
@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cuda", action="store_true")
     args = parser.parse_args(argv)
+    if args.cuda and not torch.cuda.is_available():
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        parser.error(
+            f"--cuda needs a CUDA GPU, and torch {torch.__version__} ({build}) sees none here. "
+            "Run without --cuda for the CPU version (bf16 autocast, then GradScaler('cpu'))."
+        )
     device = "cuda" if args.cuda else "cpu"
     print("bf16 autocast:", bf16_autocast(device).stats())
     half = torch.float16 if args.cuda else torch.bfloat16

@@ -6,7 +6,9 @@
 A 2-layer GPT-2 built from a config (random weights, nothing downloaded) trains on random
 tokens. ``max_grad_norm=0`` turns the Trainer's own ``clip_grad_norm_`` off, so the clip
 happens once, inside ``ClippedOptimizer.step()``. The clip statistics join the Trainer's logs
-through a two-line ``log`` override (one host sync per logging step).
+(``trainer.state.log_history`` and every ``report_to`` integration) through
+``clipped_optim.integrations.hf.ClipStatsCallback``: one host sync per logging step, none on
+the other steps.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from clipped_optim import ClippedOptimizer
+from clipped_optim.integrations.hf import add_to
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -36,17 +39,9 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-class ClipLoggingTrainer(Trainer):
-    """Adds ``ClippedOptimizer.stats()`` to every log line."""
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        clipped = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap AcceleratedOptimizer
-        if isinstance(clipped, ClippedOptimizer):
-            logs = {**logs, **clipped.stats()}
-        super().log(logs, *args, **kwargs)
-
-
-def main(max_steps: int = 12, output_dir: str = "out/hf_trainer", max_norm: float = 1.0) -> ClipLoggingTrainer:
+def main(
+    max_steps: int = 12, output_dir: str = "out/hf_trainer", max_norm: float = 1.0, logging_steps: int = 4
+) -> Trainer:
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2)
     model = GPT2LMHeadModel(config)
@@ -57,13 +52,16 @@ def main(max_steps: int = 12, output_dir: str = "out/hf_trainer", max_norm: floa
         max_steps=max_steps,
         per_device_train_batch_size=8,
         max_grad_norm=0,  # the Trainer's clip off: ClippedOptimizer clips
-        logging_steps=4,
+        logging_steps=logging_steps,
         report_to=[],
         save_strategy="no",
         use_cpu=True,
         disable_tqdm=True,
     )
-    trainer = ClipLoggingTrainer(model=model, args=args, train_dataset=RandomTokens(), optimizers=(opt, scheduler))
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(), optimizers=(opt, scheduler))
+    # ClipStatsCallback first among the callbacks, so the report_to integrations (TensorBoard,
+    # W&B, ...) that the Trainer places before user callbacks see clip/grad_norm and the rest too.
+    add_to(trainer)
     trainer.train()
     print(opt.report())
     return trainer

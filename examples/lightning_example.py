@@ -5,7 +5,9 @@
 
 Lightning's own clipping stays off (``gradient_clip_val=None``, the default): the optimizer
 clips inside its ``step()``, which Lightning calls with its training closure. The clip
-statistics are logged with ``self.log_dict`` every ``log_every`` steps (one host sync each time).
+statistics reach Lightning's logger (here a CSV file) through
+``clipped_optim.integrations.lightning.ClipStatsCallback``, every ``log_every_n_steps`` steps,
+with one host sync each time and none on the other steps.
 """
 
 from __future__ import annotations
@@ -27,25 +29,20 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from clipped_optim import ClippedOptimizer
+from clipped_optim.integrations.lightning import ClipStatsCallback
 
 
 class Regressor(pl.LightningModule):
-    def __init__(self, max_norm: float = 1.0, log_every: int = 5) -> None:
+    def __init__(self, max_norm: float = 1.0) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
         self.max_norm = max_norm
-        self.log_every = log_every
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = nn.functional.mse_loss(self.net(x), y)
         self.log("train_loss", loss)
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.global_step % self.log_every == 0:
-            clipped = self.optimizers().optimizer  # Lightning hands back a LightningOptimizer wrapper
-            self.log_dict(clipped.stats(self.named_parameters()))
 
     def configure_optimizers(self):
         inner = torch.optim.AdamW(self.parameters(), lr=1e-2)
@@ -61,7 +58,7 @@ def data(n: int = 256, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=32)
 
 
-def main(max_epochs: int = 3, root: str = "out/lightning") -> tuple[pl.Trainer, Regressor]:
+def main(max_epochs: int = 3, root: str = "out/lightning", log_every_n_steps: int = 5) -> tuple[pl.Trainer, Regressor]:
     model = Regressor()
     trainer = pl.Trainer(
         max_epochs=max_epochs,
@@ -69,13 +66,14 @@ def main(max_epochs: int = 3, root: str = "out/lightning") -> tuple[pl.Trainer, 
         devices=1,
         gradient_clip_val=None,  # Lightning's clipping off: the optimizer clips
         logger=pl.loggers.CSVLogger(root),
-        log_every_n_steps=1,
+        log_every_n_steps=log_every_n_steps,
+        callbacks=[ClipStatsCallback(per_parameter=True)],  # clip/grad_norm, ... in the CSV log
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(model, data())
-    print(model.optimizers().optimizer.report())
+    print(trainer.optimizers[0].report())  # the ClippedOptimizer (self.optimizers() wraps it)
     return trainer, model
 
 

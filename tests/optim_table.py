@@ -65,7 +65,14 @@ def _with_hook_dicts(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     gives them to the one it wraps."""
     from collections import OrderedDict
 
-    for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre", "load_state_dict_post"):
+    for name in (
+        "step_pre",
+        "step_post",
+        "state_dict_pre",
+        "state_dict_post",
+        "load_state_dict_pre",
+        "load_state_dict_post",
+    ):
         opt.__dict__.setdefault(f"_optimizer_{name}_hooks", OrderedDict())
     return opt
 
@@ -95,7 +102,10 @@ def _torch_optimizer_rows() -> list[OptimRow]:
                 lr_schedulable=name not in lr,
             )
         )
-    for inner, build in {"SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "Adam": lambda p: torch.optim.Adam(p)}.items():
+    for inner, build in {
+        "SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        "Adam": lambda p: torch.optim.Adam(p),
+    }.items():
         rows.append(
             OptimRow(
                 f"torch_optimizer.Lookahead({inner})",

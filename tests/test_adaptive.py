@@ -33,7 +33,7 @@ def timm_agc():
     spec = importlib.util.find_spec("timm")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("timm is not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "agc.py")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "utils", "agc.py")
     module_spec = importlib.util.spec_from_file_location("timm_agc", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -47,6 +47,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 STEPS = 60
 #: step -> loss multiplier: gradient spikes after every warm-up used below (ZClip's is 10)
@@ -173,7 +174,9 @@ def test_autoclip_per_param_equals_package(quantile, history_length):
         assert params_equal(ref, ours)
         assert torch.equal(st["autoclip_thresholds"], expect)
         assert st["threshold"].ndim == 0 and st["threshold"] in expect
-        assert torch.equal(st["param_norms"], torch.stack([ref_opt.clipper.state[p]["history"][-1] for p in ref.parameters()]))
+        assert torch.equal(
+            st["param_norms"], torch.stack([ref_opt.clipper.state[p]["history"][-1] for p in ref.parameters()])
+        )
     assert int(opt.state["clip"]["clipped_steps"]) > 0
 
 
@@ -248,7 +251,9 @@ def test_zclip_equals_package(kw):
     ref_opt, zc = sgd(ref), _zclip_reference(kw)
     effective = []
     apply = zc._apply_clipping
-    zc._apply_clipping = lambda model, clip_val, norm: effective.append((apply(model, clip_val, norm), clip_val)) or effective[-1][0]
+    zc._apply_clipping = lambda model, clip_val, norm: (
+        effective.append((apply(model, clip_val, norm), clip_val)) or effective[-1][0]
+    )
     opt = ClippedOptimizer(sgd(ours), mode="zclip", **kw)
     spikes = 0
     # a spike inside the warm-up too, then spikes once the EMA has settled
@@ -290,7 +295,13 @@ def test_nonfinite_step_poisons_peers_but_not_ours():
     assert math.isnan(zc.mean) and math.isnan(zc.var)
     assert torch.isnan(torch.quantile(auto.clipper.state["global_history"], 0.9))
     # ours: the NaN step is skipped and leaves no trace in the history or the EMA
-    for kw in (dict(mode="zclip"), dict(mode="autoclip"), dict(mode="autoclip", per_param=True), dict(mode="agc"), dict(mode="norm", skip_spikes=True)):
+    for kw in (
+        dict(mode="zclip"),
+        dict(mode="autoclip"),
+        dict(mode="autoclip", per_param=True),
+        dict(mode="agc"),
+        dict(mode="norm", skip_spikes=True),
+    ):
         with_nan, without = make_model(), make_model()
         a = ClippedOptimizer(sgd(with_nan), **kw)
         b = ClippedOptimizer(sgd(without), **kw)
@@ -349,7 +360,13 @@ def test_skip_spikes_waits_for_its_window_then_adapts_to_a_lasting_shift():
 
 def test_skip_spikes_with_fused_adamw_leaves_state_untouched():
     model = make_model()
-    opt = ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), mode="zclip", warmup_steps=5, skip_spikes=True, spike_window=20)
+    opt = ClippedOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
+        mode="zclip",
+        warmup_steps=5,
+        skip_spikes=True,
+        spike_window=20,
+    )
     for t, (x, f) in enumerate(data(40, spikes={35: 1e4})):
         backward(model, x, f)
         before = copy.deepcopy((list(model.parameters()), opt.optimizer.state_dict()["state"]))
@@ -418,7 +435,7 @@ def test_resume_rejects_a_mismatched_history_length():
     opt.step()
     other = ClippedOptimizer(sgd(model), mode="autoclip", history_length=9)
     before = other.state_dict()
-    with pytest.raises(ValueError, match="autoclip_ring.*history_length=9"):  # at the load, not at a later step
+    with pytest.raises(ValueError, match=r"autoclip_ring.*history_length=9"):  # at the load, not at a later step
         other.load_state_dict(opt.state_dict())
     assert_same_state_dict(other.state_dict(), before)
 
@@ -536,7 +553,13 @@ def test_defaults_filled_per_mode():
     model = make_model()
     assert ClippedOptimizer(sgd(model), mode="agc").config.clip_factor == 0.01
     cfg = ClippedOptimizer(sgd(model), mode="zclip").config
-    assert (cfg.clip_factor, cfg.alpha, cfg.z_thresh, cfg.warmup_steps, cfg.clip_option) == (1.0, 0.97, 2.5, 25, "adaptive_scaling")
+    assert (cfg.clip_factor, cfg.alpha, cfg.z_thresh, cfg.warmup_steps, cfg.clip_option) == (
+        1.0,
+        0.97,
+        2.5,
+        25,
+        "adaptive_scaling",
+    )
     cfg = ClippedOptimizer(sgd(model), mode="autoclip").config
     assert (cfg.quantile, cfg.history_length, cfg.per_param) == (0.9, 1000, False)
     cfg = ClippedOptimizer(sgd(model), skip_spikes=True).config

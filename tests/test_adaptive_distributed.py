@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from test_distributed import _data, _fsdp2_model, _full, _half, _loss, _model, _spawn
-
 from clipped_optim import ClippedOptimizer
+from test_distributed import _data, _fsdp2_model, _full, _half, _loss, _model, _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 

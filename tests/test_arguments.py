@@ -42,7 +42,7 @@ def test_bad_arguments_fail_at_construction(kwargs, error, pattern):
 
 
 def test_optimizer_must_be_an_optimizer():
-    with pytest.raises(TypeError, match="must be a torch.optim.Optimizer, got list"):
+    with pytest.raises(TypeError, match=r"must be a torch\.optim\.Optimizer, got list"):
         ClippedOptimizer([torch.nn.Parameter(torch.randn(2))])
 
 

@@ -174,11 +174,15 @@ def test_state_dict_is_the_inner_format_plus_clip():
     assert set(sd["state"]) == {"clip", 0, 1, 2, 3}
     # A plain inner optimizer's checkpoint loads into the wrapper (statistics start afresh).
     plain = torch.optim.Adam(model.parameters(), lr=1e-3)
-    plain.load_state_dict({"state": {k: v for k, v in sd["state"].items() if k != "clip"}, "param_groups": sd["param_groups"]})
+    plain.load_state_dict(
+        {"state": {k: v for k, v in sd["state"].items() if k != "clip"}, "param_groups": sd["param_groups"]}
+    )
     fresh = ClippedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3))
     fresh.load_state_dict(plain.state_dict())
     assert int(fresh.state["clip"]["steps"]) == 0
-    torch.testing.assert_close(fresh.state[next(model.parameters())]["exp_avg"], opt.state[next(model.parameters())]["exp_avg"])
+    torch.testing.assert_close(
+        fresh.state[next(model.parameters())]["exp_avg"], opt.state[next(model.parameters())]["exp_avg"]
+    )
 
 
 from optim_table import TORCH_OPTIMIZER_ROWS, TORCH_OPTIMIZERS  # noqa: E402
@@ -190,7 +194,9 @@ ALL_ROWS = [r for r in TORCH_OPTIMIZERS + TORCH_OPTIMIZER_ROWS if not (r.sparse 
 def test_checkpoint_roundtrip_and_scheduler_for_every_optimizer(row):
     def build():
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 5, bias=not row.matrix_only), nn.Tanh(), nn.Linear(5, 2, bias=not row.matrix_only))
+        model = nn.Sequential(
+            nn.Linear(4, 5, bias=not row.matrix_only), nn.Tanh(), nn.Linear(5, 2, bias=not row.matrix_only)
+        )
         opt = ClippedOptimizer(row.build(list(model.parameters())), max_norm=0.1)
         sched = S.StepLR(opt, step_size=1, gamma=0.5) if row.lr_schedulable else None
         return model, opt, sched

@@ -53,7 +53,9 @@ def test_empty_tensors(norm_type):
         p.grad = torch.ones_like(p) * 3
     opt = ClippedOptimizer(torch.optim.SGD(ps, lr=1.0), max_norm=1.0, norm_type=norm_type)
     opt.step()
-    torch.testing.assert_close(opt.state["clip"]["grad_norm"], torch.linalg.vector_norm(torch.full((3,), 3.0), norm_type))
+    torch.testing.assert_close(
+        opt.state["clip"]["grad_norm"], torch.linalg.vector_norm(torch.full((3,), 3.0), norm_type)
+    )
     torch.testing.assert_close(torch.linalg.vector_norm(ps[1].grad, norm_type), torch.tensor(1.0), rtol=1e-5, atol=0)
 
 
@@ -81,7 +83,9 @@ def test_complex_parameters(mode):
     p = nn.Parameter(torch.randn(6, dtype=torch.complex64))
     g = torch.randn(6, dtype=torch.complex64) * 5
     p.grad = g.clone()
-    opt = ClippedOptimizer(torch.optim.Adam([p]), mode=mode, **(dict(clip_value=0.5) if mode == "value" else dict(max_norm=1.0)))
+    opt = ClippedOptimizer(
+        torch.optim.Adam([p]), mode=mode, **(dict(clip_value=0.5) if mode == "value" else dict(max_norm=1.0))
+    )
     opt.step()
     torch.testing.assert_close(opt.state["clip"]["grad_norm"], torch.linalg.vector_norm(g))
     if mode == "value":
@@ -98,7 +102,11 @@ def test_sparse_gradients_with_dense_ones(mode):
     torch.manual_seed(0)
     emb = nn.Embedding(10, 3, sparse=True)
     lin = nn.Linear(3, 1)
-    opt_emb = ClippedOptimizer(torch.optim.SparseAdam(list(emb.parameters())), mode=mode, **(dict(clip_value=0.01) if mode == "value" else dict(max_norm=0.5)))
+    opt_emb = ClippedOptimizer(
+        torch.optim.SparseAdam(list(emb.parameters())),
+        mode=mode,
+        **(dict(clip_value=0.01) if mode == "value" else dict(max_norm=0.5)),
+    )
     idx = torch.tensor([1, 1, 4, 7])  # a repeated index: the sparse grad is uncoalesced
     lin(emb(idx)).sum().backward()
     dense = emb.weight.grad.to_dense().clone()
@@ -115,7 +123,9 @@ def test_sparse_gradients_with_dense_ones(mode):
 def test_param_group_opt_out_is_neither_measured_nor_clipped():
     ps = _params(torch.randn(4), torch.randn(4))
     ps[0].grad, ps[1].grad = torch.full((4,), 3.0), torch.full((4,), 3.0)
-    opt = ClippedOptimizer(torch.optim.SGD([{"params": [ps[0]]}, {"params": [ps[1]], "clip": False}], lr=0.0), max_norm=1.0)
+    opt = ClippedOptimizer(
+        torch.optim.SGD([{"params": [ps[0]]}, {"params": [ps[1]], "clip": False}], lr=0.0), max_norm=1.0
+    )
     opt.step()
     torch.testing.assert_close(opt.state["clip"]["grad_norm"], torch.tensor(6.0))
     torch.testing.assert_close(torch.linalg.vector_norm(ps[0].grad), torch.tensor(1.0), rtol=1e-5, atol=0)

@@ -91,3 +91,35 @@ def test_training_is_deterministic(spike_rescue):
         torch.use_deterministic_algorithms(False)
     assert a.losses == b.losses and a.norms == b.norms
     assert a.clipped[6] and len(a.thresholds) == 12
+
+
+def test_zclip_run_records_its_own_bound(spike_rescue):
+    """The picture's ZClip panel: the spike line from its EMA (NaN in the warm-up), and every
+    clipped step attributed to one cause."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        steps = 60
+        spikes = [45]
+        batches, vocab = spike_rescue.make_batches(steps, set(spikes), seed=0)
+        pad = vocab.index(spike_rescue.RARE)
+        run = spike_rescue.train("z", {"mode": "zclip"}, batches, len(vocab), pad, seed=0, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    warmup = 25  # zclip's default: no EMA before it, so no spike line
+    assert all(math.isnan(v) for v in run.spike_line[:warmup])
+    assert all(math.isfinite(v) and v > 0 for v in run.spike_line[warmup:])
+    causes = spike_rescue.clip_causes(run, spikes)
+    assert causes["corrupt"] == spikes  # the corrupt batch is clipped
+    clipped = sorted(causes["corrupt"] + causes["fixed"] + causes["adaptive"])
+    assert clipped == [i for i, c in enumerate(run.clipped) if c]
+    for i in causes["fixed"]:
+        assert run.thresholds[i] == pytest.approx(1.0) and run.norms[i] > 1.0
+    for i in causes["adaptive"]:
+        assert run.thresholds[i] < 1.0
+    note = spike_rescue.clean_clip_note(run, spikes)
+    assert note.startswith("1 corrupt batch clipped")
+    assert (
+        spike_rescue.clean_clip_note(spike_rescue.RunResult("none", [0.0], [1.0], None, [False], [False]), spikes)
+        is None
+    )

@@ -35,7 +35,9 @@ def make_params(seed: int = 0, dtypes=(torch.float32, torch.float64)) -> list[to
 
 def backward(params, step: int, scale: float = 1.0) -> None:
     g = torch.Generator().manual_seed(100 + step)
-    loss = sum((p * torch.randn(p.shape, generator=g, dtype=p.dtype)).sum() * (i + 1) * scale for i, p in enumerate(params))
+    loss = sum(
+        (p * torch.randn(p.shape, generator=g, dtype=p.dtype)).sum() * (i + 1) * scale for i, p in enumerate(params)
+    )
     loss.backward()
 
 

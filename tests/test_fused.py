@@ -98,7 +98,9 @@ def scaler() -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
 
 
-@pytest.mark.parametrize("name,inner", [(f"fused-{k}", v) for k, v in FUSED.items()] + [(f"foreach-{k}", v) for k, v in FOREACH.items()])
+@pytest.mark.parametrize(
+    "name,inner", [(f"fused-{k}", v) for k, v in FUSED.items()] + [(f"foreach-{k}", v) for k, v in FOREACH.items()]
+)
 def test_under_gradscaler_matches_unscale_clip_step(name, inner):
     a, b = make_params(), make_params()
     opt = ClippedOptimizer(inner(a), max_norm=1.0)

@@ -32,10 +32,28 @@ def _lightning():
     return pl
 
 
-def test_lightning_fit_with_a_clipped_optimizer(tmp_path):
+def _count_stats_calls(monkeypatch) -> list[int]:
+    """Count ``ClippedOptimizer.stats`` calls: the callbacks' one host read per log."""
+    calls: list[int] = []
+    original = ClippedOptimizer.stats
+
+    def counted(self, *args, **kwargs):
+        calls.append(int(self.state["clip"]["steps"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClippedOptimizer, "stats", counted)
+    return calls
+
+
+def test_lightning_fit_with_a_clipped_optimizer(tmp_path, monkeypatch):
     _lightning()
+    import csv
+
+    from clipped_optim.integrations.lightning import ClipStatsCallback
+
+    calls = _count_stats_calls(monkeypatch)
     example = _load("lightning_example")
-    trainer, model = example.main(max_epochs=2, root=str(tmp_path))
+    trainer, _model = example.main(max_epochs=2, root=str(tmp_path), log_every_n_steps=5)
     opt = trainer.optimizers[0]
     assert isinstance(opt, ClippedOptimizer)
     assert trainer.gradient_clip_val is None  # Lightning's own clipping is off
@@ -44,10 +62,44 @@ def test_lightning_fit_with_a_clipped_optimizer(tmp_path):
     # The targets are large: every step's norm is far above max_norm=1, and every step clipped.
     assert int(state["clipped_steps"]) == 16 and float(state["grad_norm"]) > 1.0
     logged = trainer.logged_metrics
-    assert "clip/grad_norm" in logged and "clip/clipped_steps" in logged
+    assert "clip/grad_norm" in logged and "clip/clipped_steps" in logged and "clip/clip_rate" in logged
     assert any(k.startswith("clip/grad_norm/net.") for k in logged)  # per-layer, by parameter name
+    # Through Lightning's own logger: the CSV file has the statistics on its logging steps only.
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, ClipStatsCallback)]
+    with open(trainer.logger.experiment.metrics_file_path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("clip/grad_norm")]
+    assert [float(r["clip/steps"]) for r in rows] == [5.0, 10.0, 15.0]  # log_every_n_steps=5 of 16 steps
+    assert all(float(r["clip/grad_norm"]) > 1.0 and float(r["clip/threshold"]) == 1.0 for r in rows)
+    # One stats() read per log line, none on the 13 other steps (report() at the end reads no stats()).
+    assert calls == callback.logged_steps == [5, 10, 15]
     # The LR scheduler Lightning drives stepped the wrapper (StepLR, step_size=10 epochs -> still 1e-2).
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2)
+
+
+def test_lightning_callback_with_gradient_accumulation(tmp_path, monkeypatch):
+    """Accumulating batches make no optimizer step and no log: the callback reads nothing there."""
+    pl = _lightning()
+    from clipped_optim.integrations.lightning import ClipStatsCallback
+
+    calls = _count_stats_calls(monkeypatch)
+    example = _load("lightning_example")
+    callback = ClipStatsCallback(prefix="clipping/")
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        accumulate_grad_batches=2,
+        log_every_n_steps=2,
+        logger=pl.loggers.CSVLogger(str(tmp_path)),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    trainer.fit(example.Regressor(), example.data())  # 8 batches: 4 optimizer steps
+    assert trainer.global_step == 4
+    assert calls == callback.logged_steps == [2, 4]
+    assert trainer.logged_metrics["clipping/steps"] == 4.0 and "clip/steps" not in trainer.logged_metrics
 
 
 def test_lightning_step_clips_the_gradients(tmp_path):
@@ -61,8 +113,14 @@ def test_lightning_step_clips_the_gradients(tmp_path):
             seen.append(float(torch.nn.utils.get_total_norm(grads)))
 
     trainer = pl.Trainer(
-        max_steps=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[Check()],
+        max_steps=5,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Check()],
     )
     trainer.fit(example.Regressor(max_norm=0.5), example.data())
     # After each step (before the next zero_grad) the gradients left in p.grad are the clipped ones.
@@ -93,24 +151,115 @@ def test_accelerate_prepare_and_step_clips():
 
 def test_accelerate_example_runs():
     pytest.importorskip("accelerate")
-    stats = _load("accelerate_example").main()
+    stats = _load("accelerate_example").main(cpu=True)
     assert stats["clip/steps"] == 16 and stats["clip/clipped_steps"] == 16
 
 
-def test_hf_trainer_with_clipped_optimizer(tmp_path):
+@pytest.mark.slow
+def test_accelerate_example_on_two_processes():
+    """The example's multi-process command as its docstring gives it: ``torchrun
+    --nproc_per_node 2`` on CPU (gloo). Accelerate shards the batches (8 steps per rank instead
+    of 16) and every rank records the same norm of the all-reduced gradients."""
+    pytest.importorskip("accelerate")
+    import re
+    import subprocess
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # a free port of its own: the default 29500 may be another test's
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "examples", "accelerate_example.py"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        out = proc.stdout + proc.stderr
+        # A gloo worker occasionally dies by a signal (SIGABRT at teardown) with plain torch too;
+        # rerun once for that and nothing else.
+        if proc.returncode != 0 and attempt == 0 and re.search(r"Signal \d+|SIGABRT|SIGSEGV", out):
+            continue
+        break
+    assert proc.returncode == 0, out[-3000:]
+    match = re.search(r"processes: (\d+); last grad_norm on each rank: \[([^\]]*)\]", out)
+    assert match, out[-3000:]
+    assert int(match.group(1)) == 2
+    norms = [float(v) for v in match.group(2).split(",")]
+    assert len(norms) == 2 and norms[0] == norms[1] > 1.0
+    assert "'clip/steps': 8.0" in out and "'clip/clipped_steps': 8.0" in out
+
+
+def test_hf_trainer_with_clipped_optimizer(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
+    from clipped_optim.integrations.hf import ClipStatsCallback
+
+    calls = _count_stats_calls(monkeypatch)
     example = _load("hf_trainer_example")
-    trainer = example.main(max_steps=6, output_dir=str(tmp_path), max_norm=0.05)
+    trainer = example.main(max_steps=6, output_dir=str(tmp_path), max_norm=0.05, logging_steps=4)
     opt = trainer.optimizer.optimizer  # AcceleratedOptimizer -> ClippedOptimizer
     assert isinstance(opt, ClippedOptimizer)
     state = opt.state["clip"]
     assert int(state["steps"]) == trainer.state.global_step == 6
     # max_grad_norm=0: the Trainer did not clip first, so the wrapper saw norms above 0.05 and clipped.
     assert int(state["clipped_steps"]) == 6 and float(state["grad_norm"]) > 0.05
+    # The statistics are on the Trainer's own log lines: its training log at step 4 (next to its
+    # loss and grad_norm) and its end-of-training summary at step 6, with the values of that step.
     logs = [entry for entry in trainer.state.log_history if "clip/grad_norm" in entry]
-    assert logs and logs[0]["clip/threshold"] == pytest.approx(0.05)
+    assert [entry["step"] for entry in logs] == [4, 6]
+    assert "loss" in logs[0] and logs[0]["clip/steps"] == 4.0 and logs[0]["clip/threshold"] == pytest.approx(0.05)
+    assert logs[0]["clip/clipped_steps"] == 4.0 and logs[1]["clip/steps"] == 6.0
+    # The Trainer measures the norm itself for its grad_norm entry: the same pre-clip norm.
+    assert logs[0]["grad_norm"] == pytest.approx(logs[0]["clip/grad_norm"], rel=1e-5)
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, ClipStatsCallback)]
+    assert trainer.callback_handler.callbacks[0] is callback  # add_to: ahead of report_to's callbacks
+    assert calls == [4, 6] and callback.logged_steps == [4, 6]  # one read per log line, none per step
     # The Trainer stepped our scheduler: LambdaLR warm-up reached the full LR.
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_hf_callback_reaches_later_callbacks(tmp_path):
+    """Passed in ``callbacks=``: the statistics reach log_history and the callbacks after it."""
+    transformers = pytest.importorskip("transformers")
+    from clipped_optim.integrations.hf import ClipStatsCallback
+
+    example = _load("hf_trainer_example")
+    seen = []
+
+    class Recorder(transformers.TrainerCallback):  # stands in for a report_to integration after ours
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    )
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2), max_norm=0.1)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        max_grad_norm=0,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=example.RandomTokens(),
+        optimizers=(opt, None),
+        callbacks=[ClipStatsCallback(per_parameter=True), Recorder()],
+    )
+    trainer.train()
+    train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in train_logs] == [2, 4]
+    assert all(entry["clip/steps"] == entry["step"] for entry in train_logs)
+    assert any(k.startswith("clip/grad_norm/transformer.") for k in train_logs[0])
+    assert [entry["clip/steps"] for entry in seen if "loss" in entry] == [2.0, 4.0]
 
 
 def test_amp_example_clips_unscaled_gradients():
@@ -120,3 +269,17 @@ def test_amp_example_clips_unscaled_gradients():
     # GradScaler multiplies by a power of two: the unscaled norms are bit-identical.
     assert scaled["clip/grad_norm"] == plain["clip/grad_norm"]
     assert scaled["clip/steps"] == 5 and scaled["clip/skipped_steps"] == 0
+
+
+def test_amp_example_without_cuda_ends_with_a_message():
+    """``examples/amp.py --cuda`` on a machine without CUDA: a usage error, not a traceback."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --cuda runs")
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "amp.py"), "--cuda"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "--cuda needs a CUDA GPU" in proc.stderr and "Run without --cuda" in proc.stderr

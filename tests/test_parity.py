@@ -10,7 +10,15 @@ from clipped_optim import ClippedOptimizer
 from helpers import INF, Problem, assert_same_params, reference_clip_
 from optim_table import TORCH_OPTIMIZER_ROWS, TORCH_OPTIMIZERS
 
-MODES = [("norm", 2.0), ("norm", 1.0), ("norm", INF), ("norm", 3.0), ("per_param", 2.0), ("per_param", INF), ("value", 2.0)]
+MODES = [
+    ("norm", 2.0),
+    ("norm", 1.0),
+    ("norm", INF),
+    ("norm", 3.0),
+    ("per_param", 2.0),
+    ("per_param", INF),
+    ("value", 2.0),
+]
 
 
 def _tolerance(row, dtype):

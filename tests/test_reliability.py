@@ -95,7 +95,9 @@ def test_fused_nan_on_the_first_step_leaves_no_state(name):
     ref = ClippedOptimizer(FUSED[name](b), max_norm=1.0)
     _backward(a, 0)
     a[1].grad[0] = math.nan
-    before = {i: copy.deepcopy(opt.optimizer.state[p]) for i, p in enumerate(a) if p in opt.optimizer.state}  # Adagrad's, from __init__
+    before = {
+        i: copy.deepcopy(opt.optimizer.state[p]) for i, p in enumerate(a) if p in opt.optimizer.state
+    }  # Adagrad's, from __init__
     opt.step()
     opt.zero_grad()
     after = {i: opt.optimizer.state[p] for i, p in enumerate(a) if opt.optimizer.state.get(p)}
@@ -121,7 +123,7 @@ def test_refused_load_changes_nothing():
     other = ClippedOptimizer(torch.optim.Adam(other_params, lr=0.1), mode="value", clip_value=0.1)
     _backward(other_params, 1)
     other.step()
-    with pytest.raises(ValueError, match="mode='value'.*mode='norm'"):
+    with pytest.raises(ValueError, match=r"mode='value'.*mode='norm'"):
         opt.load_state_dict(other.state_dict())
     assert_same_state_dict(opt.state_dict(), before)  # inner state not replaced, and it still saves
 
@@ -182,7 +184,9 @@ def test_raise_leaves_gradients_untouched(fused):
 
 def test_raise_names_a_parameter_of_an_unclipped_group():
     params = _params()
-    opt = ClippedOptimizer(torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "clip": False}], lr=0.1), nonfinite="raise")
+    opt = ClippedOptimizer(
+        torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "clip": False}], lr=0.1), nonfinite="raise"
+    )
     _backward(params, 0)
     params[2].grad[1] = math.nan
     grads = [p.grad.clone() for p in params]
