@@ -108,7 +108,9 @@ def test_value_matches_clip_grad_value_(foreach, dtype):
     before = _grads(4, dtype)
     result = clip_grad_value(grads, 0.3, foreach=foreach)
     assert _same(grads, [p.grad for p in ref])
-    assert float(grads[0].max()) == pytest.approx(0.3, rel=1e-2) and float(grads[0].min()) == pytest.approx(-0.3, rel=1e-2)
+    assert float(grads[0].max()) == pytest.approx(0.3, rel=1e-2) and float(grads[0].min()) == pytest.approx(
+        -0.3, rel=1e-2
+    )
     exact = lambda gs: torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in gs]))  # noqa: E731
     torch.testing.assert_close(result.total_norm.double(), exact(before), rtol=1e-6, atol=0)
     torch.testing.assert_close(result.clip_coef.double(), exact(grads) / exact(before), rtol=1e-6, atol=0)
@@ -232,7 +234,9 @@ def test_half_gradients_are_measured_in_float32(foreach, dtype):
     assert result.total_norm.dtype == torch.float32
     torch.testing.assert_close(result.total_norm, exact, rtol=1e-6, atol=0)
     assert all(torch.isfinite(g).all() and g.dtype == dtype for g in grads)
-    torch.testing.assert_close(torch.linalg.vector_norm(torch.cat([g.float() for g in grads])), torch.tensor(1.0), rtol=1e-2, atol=0)
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(torch.cat([g.float() for g in grads])), torch.tensor(1.0), rtol=1e-2, atol=0
+    )
 
 
 # -- the wrapper on the loop path -------------------------------------------------------------------
@@ -247,7 +251,9 @@ def _reference_step(params, mode, bound, norm_type):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("mode,norm_type", [("norm", 2.0), ("norm", math.inf), ("per_param", 2.0), ("per_param", 1.0), ("value", 2.0)])
+@pytest.mark.parametrize(
+    "mode,norm_type", [("norm", 2.0), ("norm", math.inf), ("per_param", 2.0), ("per_param", 1.0), ("value", 2.0)]
+)
 def test_wrapper_loop_path_matches_torch_step_by_step(mode, norm_type, dtype):
     ours, ref = _params_with(_grads(10, dtype)), _params_with(_grads(10, dtype))
     bound = {"norm": 1.5, "per_param": 2.5, "value": 0.6}[mode]  # binds on some steps, not all
@@ -322,14 +328,20 @@ class _Kernels(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("foreach", [None, True, False], ids=["default", "foreach", "loop"])
-@pytest.mark.parametrize("mode,flat", [("norm", False), ("per_param", False), ("value", False), ("norm", True)], ids=["norm", "per_param", "value", "norm-flat"])
+@pytest.mark.parametrize(
+    "mode,flat",
+    [("norm", False), ("per_param", False), ("value", False), ("norm", True)],
+    ids=["norm", "per_param", "value", "norm-flat"],
+)
 def test_foreach_chooses_the_kernels(mode, flat, foreach):
     """``foreach=False`` runs torch's per-tensor kernels only; otherwise the foreach ones (CPU has
     them). With ``flat_grads`` the multiply is one kernel over the buffer, and ``foreach`` decides
     how the norms of the gradients of a size of their own are taken."""
     params = _params_with(_grads(13, scale=5.0))
     options = dict(clip_value=0.1) if mode == "value" else dict(max_norm=0.1)
-    opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.1, foreach=False), mode=mode, foreach=foreach, flat_grads=flat, **options)
+    opt = ClippedOptimizer(
+        torch.optim.SGD(params, lr=0.1, foreach=False), mode=mode, foreach=foreach, flat_grads=flat, **options
+    )
     opt.step()  # with flat_grads, the gradients become views of one buffer here
     for p, g in zip(params, _grads(14, scale=5.0)):
         p.grad.copy_(g)

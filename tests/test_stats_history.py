@@ -40,7 +40,16 @@ def _scalar(t, dtype):
 def test_clip_state_before_the_first_step(mode):
     _, opt = _opt(mode, history_size=5)
     clip = opt.state["clip"]
-    assert set(clip) == {"mode", "grad_norm", "clip_coef", "threshold", "param_norms", "history", "history_start", *COUNTERS}
+    assert set(clip) == {
+        "mode",
+        "grad_norm",
+        "clip_coef",
+        "threshold",
+        "param_norms",
+        "history",
+        "history_start",
+        *COUNTERS,
+    }
     assert clip["mode"] == mode
     assert _scalar(clip["grad_norm"], torch.float32) and float(clip["grad_norm"]) == 0.0
     assert _scalar(clip["clip_coef"], torch.float32) and float(clip["clip_coef"]) == 1.0
@@ -198,7 +207,7 @@ def test_a_checkpoint_without_mode_loads_as_this_optimizers_mode():
     _, opt = _trained(4)
     sd = copy.deepcopy(opt.state_dict())
     del sd["state"]["clip"]["mode"]
-    q, again = _opt(history_size=4)
+    _, again = _opt(history_size=4)
     again.load_state_dict(sd)
     assert again.state["clip"]["mode"] == "norm"
     assert int(again.state["clip"]["steps"]) == 3
@@ -247,14 +256,20 @@ def test_the_loaded_keys_are_checked(key, value, ok):
         assert torch.is_tensor(again.state["clip"][key])
     else:
         got = f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-        with pytest.raises(ValueError, match=rf"invalid '{key}': expected a \d-dim (float|int) tensor.*got {re.escape(got)}"):
+        with pytest.raises(
+            ValueError, match=rf"invalid '{key}': expected a \d-dim (float|int) tensor.*got {re.escape(got)}"
+        ):
             again.load_state_dict(sd)
 
 
 def test_a_refused_key_says_what_was_expected():
     _, opt = _trained(4)
     for key, value, expected in (
-        ("history", torch.zeros(4, 5), "expected a 2-dim float tensor of shape ('*', 4), got a torch.float32 tensor of shape (4, 5)"),
+        (
+            "history",
+            torch.zeros(4, 5),
+            "expected a 2-dim float tensor of shape ('*', 4), got a torch.float32 tensor of shape (4, 5)",
+        ),
         ("grad_norm", torch.zeros(2), "expected a 0-dim float tensor, got a torch.float32 tensor of shape (2,)"),
         ("steps", [3], "expected a 0-dim int tensor, got list"),
     ):

@@ -109,7 +109,7 @@ def test_raise_says_when_only_the_global_norm_overflowed():
     for p in params:
         p.grad = torch.full((1,), 3e38)  # each finite; their 2-norm is not, in float32
     opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.1), nonfinite="raise")
-    with pytest.raises(FloatingPointError, match="at step 1.*none alone: the global norm overflowed"):
+    with pytest.raises(FloatingPointError, match=r"at step 1.*none alone: the global norm overflowed"):
         opt.step()
     assert int(opt.state["clip"]["steps"]) == 0  # a step that raised is not recorded
 

@@ -67,8 +67,12 @@ def change_of(mutant: str, module: str) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("modules", nargs="*", help=f"module names, e.g. norms (default: every {PACKAGE} module mutmut ran)")
-    parser.add_argument("--survivors", action="store_true", help="list the surviving mutants that are not listed as equivalent")
+    parser.add_argument(
+        "modules", nargs="*", help=f"module names, e.g. norms (default: every {PACKAGE} module mutmut ran)"
+    )
+    parser.add_argument(
+        "--survivors", action="store_true", help="list the surviving mutants that are not listed as equivalent"
+    )
     args = parser.parse_args(argv)
     meta = ROOT / "mutants" / PACKAGE
     modules = args.modules or sorted(p.name.removesuffix(".py.meta") for p in meta.glob("*.py.meta"))
@@ -76,13 +80,17 @@ def main(argv: list[str]) -> int:
         print("no results: run `mutmut run` first (see docs/testing.md)")
         return 1
     listed = equivalents()
-    print(f"{'module':<11} {'killed':>6} {'of':>5} {'score':>7}  {'survived':>8}  {'no tests':>8}  {'equivalent':>10}  {'not run':>7}")
+    print(
+        f"{'module':<11} {'killed':>6} {'of':>5} {'score':>7}  {'survived':>8}  {'no tests':>8}  {'equivalent':>10}  {'not run':>7}"
+    )
     survivors: list[str] = []
     for module in modules:
         path = meta / f"{module}.py.meta"
         verdicts = json.loads(path.read_text(encoding="utf-8"))["exit_code_by_key"] if path.exists() else {}
         counts: Counter[str] = Counter()
-        for name, code in sorted(verdicts.items(), key=lambda kv: (kv[0].partition("__mutmut_")[0], int(kv[0].rpartition("_")[2]))):
+        for name, code in sorted(
+            verdicts.items(), key=lambda kv: (kv[0].partition("__mutmut_")[0], int(kv[0].rpartition("_")[2]))
+        ):
             if code is None:
                 counts["not run"] += 1
             elif code in KILLED or code in TIMEOUT:
