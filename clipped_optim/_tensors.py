@@ -26,9 +26,19 @@ def index_tensor(values: Sequence[int], device: torch.device) -> Tensor:
     return _index_tensor(tuple(values), torch.device(device))
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.full((), value, dtype=dtype, device=device)
+
+
 def scalar_like(value: float | Tensor, like: Tensor) -> Tensor:
     """A 0-dim tensor holding ``value`` on ``like``'s device and dtype, with no host-to-device
-    copy (``torch.tensor(x, device=cuda)`` copies from the host and waits for the device)."""
+    copy (``torch.tensor(x, device=cuda)`` copies from the host and waits for the device).
+
+    A number gives one tensor per ``(value, dtype, device)``, made once: the fixed modes'
+    bound, recorded every step (read-only; one op a step saved)."""
     if isinstance(value, Tensor):
         return value.to(like.device, like.dtype)
-    return torch.full((), value, dtype=like.dtype, device=like.device)
+    if torch.compiler.is_compiling():
+        return torch.full((), value, dtype=like.dtype, device=like.device)
+    return _constant(float(value), like.dtype, like.device)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -80,7 +81,7 @@ def _units(tensors: list[Tensor]) -> _Units:
     return _Units(small, big, [tensors[i].shape[0] for i in big])
 
 
-def _unit_norms(tensors: list[Tensor], units: _Units, norm_type: float, device) -> Tensor:
+def _unit_norms(tensors: Sequence[Tensor], units: _Units, norm_type: float, device) -> Tensor:
     """Norm of each unit, flat (float32 or wider): the whole of each <= 1-D tensor (one foreach
     launch), then the rows (output units) of each >= 2-D one, whose reduction over all but the
     first dimension foreach kernels cannot do."""
@@ -144,7 +145,7 @@ def _unit_factors(factors: Tensor, grads: list[Tensor], units: _Units) -> list[T
     return out
 
 
-def _agc_params(batch: GradBatch) -> list[Tensor]:
+def _agc_params(batch: GradBatch) -> Sequence[Tensor]:
     if batch.sharding is not None:
         raise NotImplementedError(
             "ClippedOptimizer: mode='agc' on sharded gradients (FSDP, DTensor, process_group=) is not "

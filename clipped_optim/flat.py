@@ -39,12 +39,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .gather import Gathered
 from .norms import _HALF, GradBatch
 
 __all__ = ["FlatGrads", "FlatLayout"]
-
-#: what ``ClippedOptimizer._gather_grads`` returns: (clipped, unclipped, positions, n_params)
-Gathered = tuple[list[Tensor], list[Tensor], list[int], int, list[Tensor]]  # see ClippedOptimizer._gather_grads
 
 
 class _Block:
@@ -173,7 +171,7 @@ class FlatGrads:
         batch = self.batch(gathered[0], gathered[4], foreach)
         self._last = None
         if batch is self.batch_ and not gathered[1]:  # flat, and no opted-out group to re-read
-            self._last = (list(self.views),) + tuple(gathered[1:])  # type: ignore[assignment]
+            self._last = gathered._replace(clipped=list(self.views))
             self._flags = [g.get("clip", True) for g in param_groups]
             self._seen = [p.grad for g in param_groups for p in g["params"]]
         return gathered if self._last is None else self._last, batch

@@ -11,15 +11,13 @@ float32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import (
-    _device_has_foreach_support,
-    _group_tensors_by_device_and_dtype,
-)
+from torch.utils._foreach_utils import _device_has_foreach_support
 
 from .distributed import Sharding, reduce_total_norm
 
@@ -57,10 +55,11 @@ class GradBatch:
         # For the modes that need more than the gradients (clipped_optim.adaptive): the
         # parameters they belong to (AGC), their indices in optimizer order and the number of
         # parameters there (per-parameter histories). None when the caller did not give them.
-        self.params = None if params is None else list(params)
+        self.params: Sequence[Tensor] | None = params
         self.positions = positions
         self.n_total = n_total
-        grouped = _group_tensors_by_device_and_dtype([self.tensors], with_indices=True) if self.tensors else {}  # type: ignore[list-item]
+        # torch's C++ helper called directly: its Python wrapper enters no_grad on every call
+        grouped = torch._C._group_tensors_by_device_and_dtype([self.tensors], True) if self.tensors else {}  # type: ignore[list-item]
         # {(device, dtype): (tensors, positions in self.tensors)}
         self.groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {
             key: (cast(list[Tensor], lists[0]), idx) for key, (lists, idx) in grouped.items()
@@ -73,17 +72,23 @@ class GradBatch:
     def set_owners(self, params: Sequence[Tensor], positions: Sequence[int], n_total: int) -> None:
         """Record the parameters of the tensors, their positions in optimizer order and the
         number of parameters there (the adaptive modes read them; see ``__init__``)."""
-        self.params, self.positions, self.n_total = list(params), positions, n_total
+        self.params, self.positions, self.n_total = params, positions, n_total
 
     def use_foreach(self, device: torch.device) -> bool:
         if self.foreach is None:
-            return _device_has_foreach_support(device)
-        if self.foreach and not _device_has_foreach_support(device):
+            return _has_foreach(device.type)
+        if self.foreach and not _has_foreach(device.type):
             raise RuntimeError(f"foreach=True was passed, but foreach kernels are not supported on {device.type}")
         return self.foreach
 
     def __len__(self) -> int:
         return len(self.tensors)
+
+
+@functools.lru_cache(maxsize=16)
+def _has_foreach(device_type: str) -> bool:
+    """Whether a device type has the foreach kernels (torch's check, asked once per type)."""
+    return _device_has_foreach_support(torch.device(device_type))
 
 
 def as_batch(grads: Tensor | Sequence[Tensor] | GradBatch, foreach: bool | None = None) -> GradBatch:
@@ -102,6 +107,12 @@ def tensor_norms(batch: GradBatch, norm_type: float) -> list[Tensor] | Tensor:
     """
     if batch.flat is not None:
         return batch.flat.tensor_norms(norm_type, batch.foreach)
+    if len(batch.groups) == 1:  # one (device, dtype): the group is the batch, in its order
+        ((device, dtype), (group, _)), *_ = batch.groups.items()
+        acc = torch.float32 if dtype in _HALF else None
+        if batch.use_foreach(device):
+            return list(torch._foreach_norm(group, norm_type, dtype=acc))
+        return [torch.linalg.vector_norm(g, norm_type, dtype=acc) for g in group]
     out: list[Tensor] = [None] * len(batch)  # type: ignore[list-item]
     for (device, dtype), (group, idx) in batch.groups.items():
         acc = torch.float32 if dtype in _HALF else None

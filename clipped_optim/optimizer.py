@@ -23,7 +23,9 @@ from .config import DEFAULT_MAX_NORM, ClipConfig
 from .decision import StepGate
 from .dispatch import is_scalar, run_mode
 from .flat import FlatGrads
+from .gather import Gathered, Gatherer
 from .norms import GradBatch, scale_, tensor_norms, total_norm
+from .step_hooks import run_hooked, step_inner
 
 __all__ = ["ClippedOptimizer"]
 
@@ -247,6 +249,9 @@ class ClippedOptimizer(Optimizer):
             if name not in optimizer.__dict__:
                 setattr(optimizer, name, OrderedDict())
         self._patch_step_function()
+        self._recorder = stats.Recorder()
+        self._gatherer = Gatherer()
+        self._gatherer = Gatherer()
         self._clip_state()
 
     # -- sharing the inner optimizer's state: properties, because load_state_dict replaces
@@ -287,6 +292,14 @@ class ClippedOptimizer(Optimizer):
         every later evaluation clipped to the same rule, and one that comes out NaN/Inf undoes
         the step (the parameters and the inner state are restored from a copy taken before it).
         """
+        # torch would wrap this step in a profiler range that costs a dispatcher call even when
+        # no profiler records; the same hooks run here (see clipped_optim.step_hooks).
+        return run_hooked(self, type(self)._step, closure)
+
+    step.hooked = True  # type: ignore[attr-defined]  # torch's _patch_step_function: leave it unwrapped
+
+    def _step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """:meth:`step` without the hooks."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -294,9 +307,10 @@ class ClippedOptimizer(Optimizer):
         grad_scale, found_inf = amp.scaler_args(self)
         # Sharded: refuse a rank-local overflow flag; at the first step, check that the
         # ranks agree (see clipped_optim.distributed.before_step).
-        distributed.before_step(
-            self._reduction, self.config, self.param_groups, self._clip_state(), found_inf, fills_found_inf(self)
-        )
+        if self._reduction is not None:
+            distributed.before_step(
+                self._reduction, self.config, self.param_groups, self._clip_state(), found_inf, fills_found_inf(self)
+            )
         fused = amp.folds_into_kernel(self.optimizer)
         pending = self._prepare(grad_scale, found_inf, fused and self._can_fold())
         must_raise = self.config.nonfinite == "raise" and found_inf is None
@@ -322,10 +336,15 @@ class ClippedOptimizer(Optimizer):
     def _prepare(self, grad_scale: Tensor | None, found_inf: Tensor | None, fold: bool) -> _Pending:
         """Gather, measure, decide and clip (or hold) the gradients, with no host sync; the clip
         state's updates are kept aside until :meth:`_commit`."""
-        with torch.no_grad():
+        enabled = torch.is_grad_enabled()
+        # torch.no_grad(), without its context-manager objects (a few us, on every step)
+        torch._C._set_grad_enabled(False)
+        try:
             state = dict(self._clip_state())
             gate = StepGate(self.config, state, found_inf, reporter=self)
             result, folded = self._clip(grad_scale, fold, state, gate)
+        finally:
+            torch._C._set_grad_enabled(enabled)
         return _Pending(result, folded, gate, state)
 
     def _commit(self, pending: _Pending) -> None:
@@ -333,8 +352,10 @@ class ClippedOptimizer(Optimizer):
         is done (proceeded or skipped), so one that raised is not recorded."""
         state = self._clip_state()
         state.update(pending.state)  # the adaptive updates, already gated by the decision
-        finite, hold, _ = pending.gate.decided()
-        stats.record(state, pending.result, finite, hold)
+        gate = pending.gate
+        assert gate.finite is not None and gate.hold is not None, "the gate was not asked"
+        skip = gate.skip if "history" in state else None  # the float flag, shared with a fused kernel
+        self._recorder(state, pending.result, gate.finite, gate.hold, gate.nonfinite, gate.proceeded, skip)
 
     def _clip_and_record(self, grad_scale: Tensor | None, found_inf: Tensor | None, fold: bool):
         """Everything a step does besides the inner step, with no host sync (it compiles with
@@ -361,9 +382,9 @@ class ClippedOptimizer(Optimizer):
                 self._raise_nonfinite()
             return skip
         if fused:
-            return self._creates_state() and bool(pending.gate.skip)
+            return self._creates_state() and bool(pending.gate.hold)
         needs_host = self.config.nonfinite != "propagate" or found_inf is not None or self.config.skip_spikes
-        return needs_host and bool(pending.gate.skip)
+        return needs_host and bool(pending.gate.hold)
 
     def _creates_state(self) -> bool:
         """Whether a parameter with a gradient has no inner state yet (first step, new group)."""
@@ -396,12 +417,12 @@ class ClippedOptimizer(Optimizer):
 
     def _inner_step(self, closure: Callable[[], Any] | None, loss: Any) -> Any:
         if closure is None:
-            return self.optimizer.step()
+            return step_inner(self.optimizer, None)
         # Undo what the inner step did if a re-evaluation is non-finite or anything raises
         # (a copy of the parameters and the inner state: paid by closure steps only).
         snapshot = None if self.config.nonfinite == "propagate" else _Snapshot(self.optimizer)
         try:
-            return self.optimizer.step(self._replay(loss, closure))
+            return step_inner(self.optimizer, self._replay(loss, closure))
         except BaseException:
             if snapshot is not None:
                 snapshot.restore()
@@ -423,7 +444,7 @@ class ClippedOptimizer(Optimizer):
                 scratch = dict(self._clip_state())
                 gate = StepGate(self.config, scratch, spikes=False)
                 self._clip(None, False, scratch, gate)
-            if self.config.nonfinite != "propagate" and bool(gate.skip):
+            if self.config.nonfinite != "propagate" and bool(gate.hold):
                 raise _NonFiniteEvaluation
             return again
 
@@ -476,28 +497,10 @@ class ClippedOptimizer(Optimizer):
             scale_(batch, grad_scale.reciprocal())
         return list(tensor_norms(batch, self.config.norm_type))  # a plain batch: a list already
 
-    def _gather_grads(self) -> tuple[list[Tensor], list[Tensor], list[int], int, list[Tensor]]:
-        """The gradients to clip, their positions in optimizer order, the others, the number
-        of parameters, and the parameters of the gradients to clip."""
-        clipped: list[Tensor] = []
-        unclipped: list[Tensor] = []
-        positions: list[int] = []
-        params: list[Tensor] = []
-        n = 0
-        for group in self.param_groups:
-            target = clipped if group.get("clip", True) else unclipped
-            for p in group["params"]:
-                g = p.grad
-                if g is not None and g.numel() > 0:
-                    if g.is_sparse:  # norms and in-place scaling act on the coalesced values
-                        p.grad = g = g.coalesce()
-                        g = g._values()
-                    target.append(g)
-                    if target is clipped:
-                        positions.append(n)
-                        params.append(p)
-                n += 1
-        return clipped, unclipped, positions, n, params
+    def _gather_grads(self) -> Gathered:
+        """The gradients to clip and the others, with their positions and parameters (see
+        :mod:`clipped_optim.gather`)."""
+        return self._gatherer(self.param_groups)
 
     # -- statistics and checkpoints
     def _clip_state(self) -> dict[str, Any]:
@@ -606,6 +609,8 @@ class ClippedOptimizer(Optimizer):
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
+        self._recorder = stats.Recorder()
+        self._gatherer = Gatherer()
 
     def __repr__(self) -> str:
         cfg = self.config

@@ -33,7 +33,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["STATE_KEY", "COUNTERS", "HISTORY_COLUMNS", "new_clip_state", "restore_clip_state", "check_tensor", "record"]
+__all__ = [
+    "STATE_KEY",
+    "COUNTERS",
+    "HISTORY_COLUMNS",
+    "new_clip_state",
+    "restore_clip_state",
+    "check_tensor",
+    "pack_counters",
+    "Recorder",
+    "record",
+]
 
 STATE_KEY = "clip"
 COUNTERS = ("steps", "clipped_steps", "skipped_steps", "nonfinite_steps")
@@ -47,7 +57,7 @@ def new_clip_state(mode: str, device: torch.device, history_size: int = 0) -> di
     state: dict[str, Any] = {"mode": mode}
     state.update(grad_norm=zero(torch.float32), clip_coef=zero(torch.float32) + 1, threshold=zero(torch.float32))
     state["param_norms"] = torch.zeros(0, dtype=torch.float32, device=device)
-    state.update({name: zero(torch.int64) for name in COUNTERS})
+    state.update(zip(COUNTERS, torch.zeros(len(COUNTERS), dtype=torch.int64, device=device).unbind()))
     if history_size > 0:
         state["history"] = torch.zeros(history_size, len(HISTORY_COLUMNS), dtype=torch.float32, device=device)
         state["history_start"] = zero(torch.int64)  # the first step the buffer recorded
@@ -121,27 +131,116 @@ def restore_clip_state(
         # new or resized: keep nothing rather than misplace rows, and say where it starts
         state["history"] = new_clip_state(mode, device, history_size)["history"]
         state["history_start"] = state["steps"].clone()
+    pack_counters(state)
     return state
 
 
-def record(state: dict[str, Any], result: Any, finite: Tensor, skipped: Tensor) -> None:
-    """Fold one step's :class:`~clipped_optim.modes.ClipResult` into the statistics, sync-free."""
-    device = state["steps"].device
+def pack_counters(state: dict[str, Any]) -> Tensor:
+    """The four counters as one int64 tensor whose elements ``state[k]`` are views of, so that
+    one ``add_`` advances them all. A state whose counters are not such views (a checkpoint's
+    copies, a user's assignment) is packed: the values are copied, the keys keep them."""
+    first = state[COUNTERS[0]]
+    base = first._base
+    if (
+        base is not None
+        and base.shape == (len(COUNTERS),)
+        and base.dtype == torch.int64
+        and all(state[k]._base is base and state[k].storage_offset() == i for i, k in enumerate(COUNTERS))
+    ):
+        return base
+    packed = torch.stack([state[k].to(first.device, torch.int64) for k in COUNTERS])
+    state.update(zip(COUNTERS, packed.unbind()))
+    return packed
+
+
+class Recorder:
+    """Folds each step's :class:`~clipped_optim.modes.ClipResult` into one clip state, sync-free.
+
+    Six small ops a step, whatever the mode (the counters are advanced by one ``add_``, the
+    history row is stacked into a buffer kept here and written by one ``index_copy_``): these
+    ops run on every step, so on a small model they are most of what the wrapper adds to a
+    step. A state dict it has not seen (fresh, loaded, replaced) is re-packed on first use.
+    """
+
+    __slots__ = ("_state", "_views", "_counters", "_steps", "_true", "_row", "_columns", "_index")
+
+    def __init__(self) -> None:
+        self._state: dict[str, Any] | None = None
+        self._views: tuple[Tensor, ...] = ()
+        self._counters: Tensor | None = None
+
+    def _bind(self, state: dict[str, Any]) -> Tensor | None:
+        if self._state is state and all(state[k] is v for k, v in zip(COUNTERS, self._views)):
+            return self._counters
+        if torch.compiler.is_compiling():  # the packing check reads storage offsets: not traceable
+            return None
+        counters = pack_counters(state)
+        device = counters.device
+        self._state, self._views, self._counters = state, tuple(state[k] for k in COUNTERS), counters
+        self._steps = counters[:1]  # the step number as a 1-element index: no host read
+        self._true = torch.ones((), dtype=torch.bool, device=device)
+        self._row = torch.zeros(1, len(HISTORY_COLUMNS), dtype=torch.float32, device=device)
+        self._columns = self._row.view(-1)
+        self._index = torch.zeros(1, dtype=torch.int64, device=device)
+        return counters
+
+    def __call__(
+        self,
+        state: dict[str, Any],
+        result: Any,
+        finite: Tensor,
+        skipped: Tensor,
+        nonfinite: Tensor | None = None,
+        proceeded: Tensor | None = None,
+        skip: Tensor | None = None,
+    ) -> None:
+        """Record one step. ``finite``/``skipped`` are 0-dim bools; ``nonfinite`` (``~finite``),
+        ``proceeded`` (``finite & ~skipped``) and ``skip`` (``skipped`` as a float) may be
+        passed when the caller has them."""
+        counters = self._bind(state)
+        if counters is None:  # compiled: the compiler fuses the small ops anyway
+            _record_unpacked(state, result, finite, skipped)
+            return
+        if "history" in state:
+            history = state["history"]
+            # one dtype stacks in one copy; a bool column would take the slow mixed path
+            skip = skipped.to(history.dtype) if skip is None else skip
+            columns = (result.total_norm, result.threshold, result.clip_coef, skip)
+            torch.stack(columns, out=self._columns)
+            torch.remainder(self._steps, history.shape[0], out=self._index)
+            history.index_copy_(0, self._index, self._row)
+        state["grad_norm"] = result.total_norm
+        state["clip_coef"] = result.clip_coef
+        state["threshold"] = result.threshold
+        state["param_norms"] = result.param_norms
+        nonfinite = ~finite if nonfinite is None else nonfinite
+        proceeded = finite & ~skipped if proceeded is None else proceeded
+        # "clipped" is coef < 1 on a step that proceeded: a bool compares as 0/1, and a
+        # coefficient is >= 0 (or NaN), so coef < proceeded is exactly that, in one op.
+        clipped = torch.lt(result.clip_coef, proceeded)
+        counters.add_(torch.stack([self._true, clipped, skipped, nonfinite]))
+
+
+def _record_unpacked(state: dict[str, Any], result: Any, finite: Tensor, skipped: Tensor) -> None:
     if "history" in state:
-        _record_history(state["history"], state["steps"], result, skipped)
-    state["grad_norm"] = result.total_norm.detach()
-    state["clip_coef"] = result.clip_coef.detach()
-    state["threshold"] = result.threshold.detach()
-    state["param_norms"] = result.param_norms.detach()
-    state["steps"].add_(1)
-    state["clipped_steps"].add_(((result.clip_coef < 1) & finite & ~skipped).to(device))
-    state["skipped_steps"].add_(skipped.to(device))
-    state["nonfinite_steps"].add_((~finite).to(device))
-
-
-def _record_history(history: Tensor, step: Tensor, result: Any, skipped: Tensor) -> None:
-    # The row index stays a device tensor (index_copy_), so this costs no host sync.
-    row = torch.stack(
-        [t.detach().to(history) for t in (result.total_norm, result.threshold, result.clip_coef, skipped)]
+        history = state["history"]
+        row = torch.stack(
+            [t.to(history.dtype) for t in (result.total_norm, result.threshold, result.clip_coef, skipped)]
+        )
+        history.index_copy_(0, (state["steps"] % history.shape[0]).view(1), row.view(1, -1))
+    state.update(
+        grad_norm=result.total_norm,
+        clip_coef=result.clip_coef,
+        threshold=result.threshold,
+        param_norms=result.param_norms,
     )
-    history.index_copy_(0, (step % history.shape[0]).view(1), row.view(1, -1))
+    state["steps"].add_(1)
+    state["clipped_steps"].add_(torch.lt(result.clip_coef, finite & ~skipped))
+    state["skipped_steps"].add_(skipped)
+    state["nonfinite_steps"].add_(~finite)
+
+
+def record(state: dict[str, Any], result: Any, finite: Tensor, skipped: Tensor) -> None:
+    """Fold one step's :class:`~clipped_optim.modes.ClipResult` into the statistics, sync-free
+    (a :class:`Recorder` of its own; the wrapper keeps one across steps)."""
+    Recorder()(state, result, finite, skipped)
