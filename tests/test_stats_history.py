@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipped_optim import ClippedOptimizer
+from clipped_optim import ClippedOptimizer, SpikeSkip
 
 COUNTERS = ("steps", "clipped_steps", "skipped_steps", "nonfinite_steps")
 
@@ -109,7 +109,7 @@ def test_an_overflow_skip_is_counted_as_skipped_not_nonfinite_nor_clipped():
 
 
 def test_a_skipped_spike_is_not_counted_as_clipped():
-    p, opt = _opt(max_norm=1.0, history_size=0, skip_spikes=True, spike_window=20)
+    p, opt = _opt(max_norm=1.0, history_size=0, skip_spikes=SpikeSkip(window=20))
     for i in range(20):
         _step(p, opt, 0.5 + 0.01 * i)
     _step(p, opt, 100.0)  # a spike: skipped, though its coefficient is < 1

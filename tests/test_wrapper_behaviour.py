@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipped_optim import ClippedOptimizer
+from clipped_optim import ClippedOptimizer, SpikeSkip
 
 
 def _params():
@@ -142,7 +142,7 @@ def test_a_skipped_step_does_not_enter_the_spike_window():
     p = nn.Parameter(torch.zeros(2))
     unclipped = nn.Parameter(torch.zeros(2))
     groups = [{"params": [p]}, {"params": [unclipped], "clip": False}]
-    opt = ClippedOptimizer(torch.optim.SGD(groups, lr=0.0), max_norm=1.0, skip_spikes=True, spike_window=20)
+    opt = ClippedOptimizer(torch.optim.SGD(groups, lr=0.0), max_norm=1.0, skip_spikes=SpikeSkip(window=20))
     for i in range(3):
         p.grad, unclipped.grad = torch.tensor([0.5, float(i)]), torch.zeros(2)
         opt.step()
