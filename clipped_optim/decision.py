@@ -98,7 +98,7 @@ class StepGate:
             self.proceeded = finite
             return self.hold, total_finite if self.poison is None else finite
         # hold is None when nothing can stop the step (propagate, no GradScaler, no spikes)
-        hold = None if self.config.nonfinite == "propagate" else ~finite
+        hold = self.nonfinite = None if self.config.nonfinite == "propagate" else ~finite
         if found is not None:  # GradScaler sums it over devices: it can exceed 1
             overflow = found.to(finite.device) > 0
             hold = overflow if hold is None else hold | overflow

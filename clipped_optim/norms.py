@@ -109,20 +109,22 @@ def tensor_norms(batch: GradBatch, norm_type: float) -> list[Tensor] | Tensor:
         return batch.flat.tensor_norms(norm_type, batch.foreach)
     if len(batch.groups) == 1:  # one (device, dtype): the group is the batch, in its order
         ((device, dtype), (group, _)), *_ = batch.groups.items()
-        acc = torch.float32 if dtype in _HALF else None
-        if batch.use_foreach(device):
-            return list(torch._foreach_norm(group, norm_type, dtype=acc))
-        return [torch.linalg.vector_norm(g, norm_type, dtype=acc) for g in group]
+        return list(_group_norms(batch, device, dtype, group, norm_type))
     out: list[Tensor] = [None] * len(batch)  # type: ignore[list-item]
     for (device, dtype), (group, idx) in batch.groups.items():
-        acc = torch.float32 if dtype in _HALF else None
-        if batch.use_foreach(device):
-            norms: Sequence[Tensor] = torch._foreach_norm(group, norm_type, dtype=acc)
-        else:
-            norms = [torch.linalg.vector_norm(g, norm_type, dtype=acc) for g in group]
-        for i, n in zip(idx, norms):
+        for i, n in zip(idx, _group_norms(batch, device, dtype, group, norm_type)):
             out[i] = n
     return out
+
+
+def _group_norms(
+    batch: GradBatch, device: torch.device, dtype: torch.dtype, group: list[Tensor], norm_type: float
+) -> Sequence[Tensor]:
+    """The norms of one ``(device, dtype)`` group: one foreach launch, or the per-tensor loop."""
+    acc = torch.float32 if dtype in _HALF else None
+    if batch.use_foreach(device):
+        return torch._foreach_norm(group, norm_type, dtype=acc)
+    return [torch.linalg.vector_norm(g, norm_type, dtype=acc) for g in group]
 
 
 def total_norm(

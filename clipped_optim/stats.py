@@ -198,17 +198,8 @@ class Recorder:
         ``proceeded`` (``finite & ~skipped``) and ``skip`` (``skipped`` as a float) may be
         passed when the caller has them."""
         counters = self._bind(state)
-        if counters is None:  # compiled: the compiler fuses the small ops anyway
-            _record_unpacked(state, result, finite, skipped)
-            return
         if "history" in state:
-            history = state["history"]
-            # one dtype stacks in one copy; a bool column would take the slow mixed path
-            skip = skipped.to(history.dtype) if skip is None else skip
-            columns = (result.total_norm, result.threshold, result.clip_coef, skip)
-            torch.stack(columns, out=self._columns)
-            torch.remainder(self._steps, history.shape[0], out=self._index)
-            history.index_copy_(0, self._index, self._row)
+            self._write_history(state, counters, result, skipped, skip)
         state["grad_norm"] = result.total_norm
         state["clip_coef"] = result.clip_coef
         state["threshold"] = result.threshold
@@ -218,26 +209,28 @@ class Recorder:
         # "clipped" is coef < 1 on a step that proceeded: a bool compares as 0/1, and a
         # coefficient is >= 0 (or NaN), so coef < proceeded is exactly that, in one op.
         clipped = torch.lt(result.clip_coef, proceeded)
-        counters.add_(torch.stack([self._true, clipped, skipped, nonfinite]))
+        if counters is None:  # compiled: the compiler fuses the per-counter adds anyway
+            state["steps"].add_(1)
+            for key, increment in zip(COUNTERS[1:], (clipped, skipped, nonfinite)):
+                state[key].add_(increment)
+        else:
+            counters.add_(torch.stack([self._true, clipped, skipped, nonfinite]))
 
-
-def _record_unpacked(state: dict[str, Any], result: Any, finite: Tensor, skipped: Tensor) -> None:
-    if "history" in state:
+    def _write_history(
+        self, state: dict[str, Any], counters: Tensor | None, result: Any, skipped: Tensor, skip: Tensor | None
+    ) -> None:
+        """Write this step's row (:data:`HISTORY_COLUMNS`) at row ``steps % history_size``."""
         history = state["history"]
-        row = torch.stack(
-            [t.to(history.dtype) for t in (result.total_norm, result.threshold, result.clip_coef, skipped)]
-        )
-        history.index_copy_(0, (state["steps"] % history.shape[0]).view(1), row.view(1, -1))
-    state.update(
-        grad_norm=result.total_norm,
-        clip_coef=result.clip_coef,
-        threshold=result.threshold,
-        param_norms=result.param_norms,
-    )
-    state["steps"].add_(1)
-    state["clipped_steps"].add_(torch.lt(result.clip_coef, finite & ~skipped))
-    state["skipped_steps"].add_(skipped)
-    state["nonfinite_steps"].add_(~finite)
+        # one dtype stacks in one copy; a bool column would take the slow mixed path
+        skip = skipped.to(history.dtype) if skip is None else skip
+        columns = (result.total_norm, result.threshold, result.clip_coef, skip)
+        if counters is None:  # compiled: no kept buffers
+            row = torch.stack([c.to(history.dtype) for c in columns])
+            history.index_copy_(0, (state["steps"] % history.shape[0]).view(1), row.view(1, -1))
+            return
+        torch.stack(columns, out=self._columns)
+        torch.remainder(self._steps, history.shape[0], out=self._index)
+        history.index_copy_(0, self._index, self._row)
 
 
 def record(state: dict[str, Any], result: Any, finite: Tensor, skipped: Tensor) -> None:
