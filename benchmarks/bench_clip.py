@@ -273,6 +273,20 @@ def clip_only_specs():
     ]
 
 
+def time_rounds(variants: list, rounds: int, seed: int = 0) -> None:
+    """Time every variant once per round, in a shuffled order, each after its untimed
+    ``prepare()``: a slow-down of the shared machine hits all variants of a round alike."""
+    rng = random.Random(seed)
+    order = list(variants)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for v in order:
+            v.prepare()
+            t0 = time.perf_counter()
+            v.run()
+            v.times.append(time.perf_counter() - t0)
+
+
 def bench(workload: str, rounds: int, warmup: int, seed: int = 0) -> list[dict]:
     shapes = WORKLOADS[workload][1]()
     g = torch.Generator().manual_seed(seed)
@@ -285,15 +299,7 @@ def bench(workload: str, rounds: int, warmup: int, seed: int = 0) -> list[dict]:
             v.run()
         if hasattr(v, "opt") and v.opt.config.flat_grads:
             v.adopt_views()
-    rng = random.Random(seed)
-    order = list(variants)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for v in order:
-            v.prepare()
-            t0 = time.perf_counter()
-            v.run()
-            v.times.append(time.perf_counter() - t0)
+    time_rounds(variants, rounds, seed)
     by_name = {v.name: v for v in variants}
     rows = []
     for v in variants:

@@ -32,18 +32,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import random
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_clip import machine, time_rounds
+
 from clipped_optim import ClippedOptimizer
 
 MAX_NORM = 1.0
@@ -106,7 +104,7 @@ class Variant:
         self.in_place = "flat_grads" in name
         self.times: list[float] = []
 
-    def refill(self) -> None:
+    def prepare(self) -> None:
         if (
             self.in_place and self.params[0].grad is not None
         ):  # flat_grads: zero_grad() keeps the views and backward adds into them
@@ -182,17 +180,9 @@ def bench(workload: str, specs, rounds: int, warmup: int) -> list[dict]:
     variants = [Variant(name, base, shapes, saved, make) for name, base, make in specs]
     for v in variants:
         for _ in range(warmup):
-            v.refill()
+            v.prepare()
             v.run()
-    order = list(variants)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for v in order:
-            v.refill()
-            start = time.perf_counter()
-            v.run()
-            v.times.append(time.perf_counter() - start)
+    time_rounds(variants, rounds)
     by_name = {v.name: v for v in variants}
     rows = []
     for v in variants:
@@ -225,20 +215,6 @@ def table(rows: list[dict], title: str) -> str:
         diff = "" if same else f"{r['diff_us']:+,.0f}"
         out.append(f"| {r['workload']} | {r['name']} | {r['median_us']:,.0f} | {ratio} | {diff} | {r['baseline']} |")
     return "\n".join(out)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (
-        f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-        f"Python {platform.python_version()}; load average at start {load}"
-    )
 
 
 def main() -> None:
@@ -282,7 +258,7 @@ def main() -> None:
             "# Per-step overhead (`benchmarks/bench_overhead.py`)\n\n"
             f"Run `python benchmarks/bench_overhead.py {' '.join(sys.argv[1:])}`".rstrip()
             + f" at {started:%Y-%m-%d %H:%M} UTC, code of the working tree.\n\n"
-            f"Machine: {where}. No GPU: every figure is CPU.\n\n" + text + "\n"
+            f"Machine: {where}.\n\n" + text + "\n"
         )
         print(f"\nwrote {path}")
 
