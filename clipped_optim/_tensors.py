@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["index_tensor", "scalar_like"]
+__all__ = ["index_tensor", "scalar_like", "arange"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -42,3 +42,17 @@ def scalar_like(value: float | Tensor, like: Tensor) -> Tensor:
     if torch.compiler.is_compiling():
         return torch.full((), value, dtype=like.dtype, device=like.device)
     return _constant(float(value), like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int, device: torch.device) -> Tensor:
+    return torch.arange(n, device=device)
+
+
+def arange(n: int, device: torch.device) -> Tensor:
+    """``torch.arange(n, device=device)``, made once per ``(n, device)`` (read-only): the slot
+    numbers a ring buffer compares against every step to pick its slot (``arange == i`` is one
+    op; ``one_hot`` is eight on a CPU, where it checks its input's range on the host)."""
+    if torch.compiler.is_compiling():
+        return torch.arange(n, device=device)
+    return _arange(n, torch.device(device))

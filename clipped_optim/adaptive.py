@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from . import _checks as check
+from ._tensors import arange, scalar_like
 from .modes import EPS, global_norm_coef
 from .norms import GradBatch, tensor_norms
 from .policy import ClipDecision, ClipPolicy, StepNorms, check_like
@@ -198,7 +199,7 @@ def sorted_ring_push(ring: Tensor, sorted_: Tensor, count: Tensor, value: Tensor
         new = torch.where(accept.unsqueeze(1), new, evicted)
     d = torch.searchsorted(sorted_, evicted)  # where the evicted value sits
     i = torch.searchsorted(sorted_, new) - (evicted < new).long()  # where the new one goes once it is gone
-    j = torch.arange(length, device=ring.device)
+    j = arange(length, ring.device)
     pad = sorted_.new_full((sorted_.shape[0], 1), math.inf)
     next_ = torch.cat([sorted_[:, 1:], pad], 1)
     prev = torch.cat([pad, sorted_[:, :-1]], 1)
@@ -217,7 +218,7 @@ def quantile_sorted(sorted_: Tensor, count: Tensor, q: float) -> Tensor:
     """
     length = sorted_.shape[1]
     n = count.clamp(max=length)
-    ranks = torch.full((), q, dtype=sorted_.dtype, device=sorted_.device) * (n - 1).clamp(min=0)
+    ranks = scalar_like(q, sorted_) * (n - 1).clamp(min=0)
     below = ranks.long()
     above = ranks.ceil().long()
     # An empty row reads +inf slots: lerp(inf, inf) is NaN, which inductor refuses to fold
@@ -374,18 +375,18 @@ def zclip_update(policy: ZClip, state: ZClipState, norm: Tensor) -> tuple[Tensor
     warm = state.seen < policy.warmup_steps
     cap = math.inf if policy.max_norm is None else policy.max_norm
     clip_val, spike = _zclip_clip_value(policy, state, g)
-    bound = torch.where(
-        warm, torch.full_like(g, cap), torch.clamp(torch.where(spike, clip_val, g.new_tensor(math.inf)), max=cap)
-    )
     spike = spike & ~warm
+    # the cap during the warm-up and on a step that is no spike; on a spike, the capped clip value
+    bound = torch.where(spike, clip_val.clamp(max=cap), cap)
     # the EMA, fed the clip value; skipped on a spike with skip_update_on_spike
     alpha, beta = policy.alpha, 1 - policy.alpha
     mean = alpha * state.mean + beta * clip_val
     var = alpha * state.var + beta * (clip_val - mean) * (clip_val - mean)
-    ema_ok = ~warm & ~(spike & policy.skip_update_on_spike)
+    ema_ok = ~(warm | spike) if policy.skip_update_on_spike else ~warm
     # the warm-up: collect, and initialise at the last warm-up norm
-    slot = torch.nn.functional.one_hot(state.seen.clamp(max=policy.warmup_steps - 1), policy.warmup_steps).bool()
-    warmup = torch.where(slot & warm, g, state.warmup)
+    # the warm-up slot of this norm: none once ``seen >= warmup_steps`` (the warm-up is over)
+    slot = torch.eq(arange(policy.warmup_steps, g.device), state.seen)
+    warmup = torch.where(slot, g, state.warmup)
     seen = state.seen + 1
     init = warm & (seen >= policy.warmup_steps)
     mean0, var0 = _warmup_moments(warmup)
@@ -501,12 +502,14 @@ def spike_test(window: Tensor, count: Tensor, norm: Tensor, sigma: float, min_co
     norms in ``window`` (unbiased std), once at least ``min_count`` are in."""
     length = window.shape[0]
     n = count.clamp(max=length)
-    valid = torch.arange(length, device=window.device) < n
+    valid = torch.lt(arange(length, window.device), n)
     nf = n.to(window.dtype)
-    mean = torch.where(valid, window, 0).sum() / nf.clamp(min=1)
-    dev = torch.where(valid, window - mean, 0)
-    std = ((dev * dev).sum() / (nf - 1).clamp(min=1)).sqrt()
-    bound = mean + sigma * std
+    # the slots not filled yet hold 0 (and a filled one a finite norm): multiplying by the mask
+    # zeroes them exactly, in one op where a where() is two
+    mean = window.mul(valid).sum() / nf.clamp(min=1)
+    dev = (window - mean).mul_(valid)
+    std = (dev.dot(dev) / (nf - 1).clamp(min=1)).sqrt()
+    bound = torch.add(mean, std, alpha=sigma)
     return (n >= min_count) & (norm.to(window.dtype) > bound), bound
 
 
@@ -544,11 +547,11 @@ class SpikeSkip(ClipPolicy):
 
     def rule(self, norms: StepNorms, state: Mapping[str, Any]) -> ClipDecision:
         ring, count = state["spike_ring"], state["spike_count"]
-        total = norms.total_norm
+        total = norms.total_norm.to(ring.dtype)
         min_count = min(self.window, max(20, self.window // 2))  # as OLMo-core
         spike, bound = spike_test(ring, count, total, self.sigma, min_count)
-        value = torch.where(spike, bound, total.to(ring.dtype))
-        slot = torch.nn.functional.one_hot(count % self.window, self.window).bool()
+        value = torch.where(spike, bound, total)
+        slot = torch.eq(arange(self.window, ring.device), count % self.window)
         new = dict(spike_ring=torch.where(slot, value, ring), spike_count=count + 1)
         return ClipDecision(threshold=bound, skip=spike, state=new)
 

@@ -112,7 +112,10 @@ class StepGate:
         if hold is None:
             self.proceeded = finite
             return None, total_finite
-        return hold, total_finite & ~hold
+        accept = total_finite & ~hold
+        if self.poison is None:  # then total_finite is finite: accept is finite & ~hold
+            self.proceeded = accept
+        return hold, accept
 
     def settle(self, total: Tensor) -> None:
         """Decide now if the mode never asked (it had nothing to hold)."""
