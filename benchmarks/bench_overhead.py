@@ -7,7 +7,9 @@ Three tables:
 
 * **Step**: the default wrapper (``ClippedOptimizer(inner)``: ``mode="norm"``, history on,
   ``nonfinite="skip"``) against the loop it replaces, ``clip_grad_norm_(params, 1.0)`` then the
-  same ``inner.step()``; on W1 also ``flat_grads=True``.
+  same ``inner.step()``; on W1 also ``flat_grads=True``; on GPT-2L also without the history
+  (``history_size=0``) and without the skip decision either (``nonfinite="propagate"``): what the
+  statistics and the step's one host read cost.
 * **Adaptive**: ``mode="zclip"``, ``"autoclip"``, ``"agc"`` and ``skip_spikes=True`` against the
   default wrapper (what choosing the mode costs, per step).
 * **Fixed cost**: the clip alone (an inner optimizer whose ``step`` does nothing), minus the
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -148,6 +151,15 @@ def step_specs(workload: str, inner_fn: Callable) -> list[tuple[str, str, Callab
     specs = [(base, base, plain(inner_fn)), ("wrapper (default)", base, wrapped(inner_fn))]
     if workload == "W1":
         specs.append(("wrapper, flat_grads=True", base, wrapped(inner_fn, flat_grads=True)))
+    if workload == "GPT-2L":  # what the statistics and the skip decision cost on a small model
+        specs.append(("wrapper, history_size=0", base, wrapped(inner_fn, history_size=0)))
+        specs.append(
+            (
+                'wrapper, history_size=0, nonfinite="propagate"',
+                base,
+                wrapped(inner_fn, history_size=0, nonfinite="propagate"),
+            )
+        )
     return specs
 
 
@@ -200,6 +212,20 @@ def bench(workload: str, specs, rounds: int, warmup: int) -> list[dict]:
             )
         )
     return rows
+
+
+def revision() -> str:
+    """The measured code: the git commit, and whether the working tree differs from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "clipped_optim"], cwd=root, capture_output=True)
+    except OSError:
+        return "code of the working tree (no git)"
+    if head.returncode != 0:
+        return "code of the working tree (not a git checkout)"
+    changed = " with uncommitted changes to clipped_optim/" if dirty.stdout.strip() else ""
+    return f"commit {head.stdout.strip()}{changed}"
 
 
 def table(rows: list[dict], title: str) -> str:
@@ -257,7 +283,7 @@ def main() -> None:
         path.write_text(
             "# Per-step overhead (`benchmarks/bench_overhead.py`)\n\n"
             f"Run `python benchmarks/bench_overhead.py {' '.join(sys.argv[1:])}`".rstrip()
-            + f" at {started:%Y-%m-%d %H:%M} UTC, code of the working tree.\n\n"
+            + f" at {started:%Y-%m-%d %H:%M} UTC, {revision()}.\n\n"
             f"Machine: {where}.\n\n" + text + "\n"
         )
         print(f"\nwrote {path}")
