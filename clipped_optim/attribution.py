@@ -77,7 +77,8 @@ class Attribution:
                 return "non-finite total norm, but no parameter's own norm was NaN/Inf (an overflow in the sum)"
             more = "" if self.complete else f" (and perhaps others: only {len(self.params)} recorded)"
             return f"non-finite gradient norm in {', '.join(self.labels)}{more}"
-        share = _pct(self.low) if _pct(self.low) == _pct(self.high) else f"{_pct(self.low)}-{_pct(self.high)}"
+        low, high = _pct(self.low), _pct(self.high)
+        share = low if low == high else f"{low[:-1]}-{high}"
         text = f"{share} of the squared norm in {self.labels[0]}"
         if len(self.params) > 1 and _pct(self.shares[1]) != "0%":  # a 0% runner-up says nothing
             text += f" (next: {self.labels[1]} {_pct(self.shares[1])})"
