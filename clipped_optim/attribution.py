@@ -7,8 +7,8 @@ picks the steps worth explaining and groups them here:
 * the outliers of the report's own rule (a finite norm over ``OUTLIER_FACTOR`` times the
   window's median, see :mod:`clipped_optim.diagnostics`),
 * the skipped steps (NaN/Inf, a GradScaler overflow, a spike a mode chose to skip),
-* the non-finite steps, and, under ZClip, the steps it clipped (its spikes, and the steps
-  over its ``max_norm`` cap).
+* the non-finite steps, and, under ZClip, its spikes: the steps it clipped to a bound below
+  its usual one (the ``max_norm`` cap), not those clipped at the cap.
 
 A finite step's contributors are given with their share of the squared norm,
 ``top_norm**2 / grad_norm**2`` (for the default 2-norm, the shares of all parameters sum to 1).
@@ -53,6 +53,8 @@ class Attribution:
         recorded: False when the steps' rows hold no contributors (sharded gradients, or a
             history loaded from a checkpoint written without them).
         skipped: how many of the steps were skipped.
+        together: for finite steps, the lowest and highest share of all the recorded
+            contributors together (the ``top_k`` of each step), and ``top_k``.
     """
 
     steps: list[int]
@@ -65,6 +67,7 @@ class Attribution:
     complete: bool = True
     recorded: bool = True
     skipped: int = 0
+    together: tuple[float, float, int] = (math.nan, math.nan, 0)
 
     def __str__(self) -> str:
         return f"{_steps_text(self.steps, self.skipped)}: {self._finding()}"
@@ -82,6 +85,9 @@ class Attribution:
         text = f"{share} of the squared norm in {self.labels[0]}"
         if len(self.params) > 1 and _pct(self.shares[1]) != "0%":  # a 0% runner-up says nothing
             text += f" (next: {self.labels[1]} {_pct(self.shares[1])})"
+        elif self.together[2] > 1 and len(self.steps) > 1:  # the runners-up differ: how much the top k hold
+            low, high, k = _pct(self.together[0]), _pct(self.together[1]), self.together[2]
+            text += f" (the top {k} of each step together: {low if low == high else low[:-1] + '-' + high})"
         return text
 
 
@@ -100,13 +106,24 @@ def _steps_text(steps: Sequence[int], skipped: int) -> str:
 
 
 def explained_steps(
-    norms: Sequence[float], coefs: Sequence[float], skipped: Sequence[bool], limit: float, mode: str
+    norms: Sequence[float],
+    coefs: Sequence[float],
+    thresholds: Sequence[float],
+    skipped: Sequence[bool],
+    limit: float,
+    spike_bound: float | None = None,
 ) -> list[int]:
-    """The positions of the steps a report explains (see the module's docstring); ``limit``:
-    the norm above which a finite step is an outlier."""
+    """The positions of the steps a report explains (see the module's docstring).
+
+    Args:
+        limit: the norm above which a finite step is an outlier.
+        spike_bound: under ZClip, its usual bound (the window's median threshold: the
+            ``max_norm`` cap, or inf): a step clipped to a bound below it was clipped by the
+            z-score rule, a spike; one clipped at the cap was not.
+    """
     out = []
-    for i, (norm, coef, skip) in enumerate(zip(norms, coefs, skipped)):
-        spike = mode == "zclip" and coef < 1
+    for i, (norm, coef, bound, skip) in enumerate(zip(norms, coefs, thresholds, skipped)):
+        spike = spike_bound is not None and coef < 1 and bound < spike_bound * (1 - 1e-6)
         if skip or not math.isfinite(norm) or norm > limit or spike:
             out.append(i)
     return out
@@ -130,45 +147,48 @@ def attribute(
         if out and key == last_key:
             _merge(out[-1], found, steps[i], skipped[i])
         else:
-            nonfinite, params, shares, recorded, complete = found
-            share = shares[0] if shares else math.nan
-            out.append(
-                Attribution(
-                    [steps[i]],
-                    nonfinite,
-                    list(params),
-                    [],
-                    list(shares),
-                    share,
-                    share,
-                    complete,
-                    recorded,
-                    int(skipped[i]),
-                )
-            )
+            out.append(_start(found, steps[i], skipped[i]))
         last_key = key
     for a in out:
         a.labels = [label(p) for p in a.params]
     return out
 
 
+def _start(found: tuple, step: int, skipped: bool) -> Attribution:
+    """A run of one step."""
+    nonfinite, params, shares, recorded, complete, (together, count) = found
+    share = shares[0] if shares else math.nan
+    return Attribution(
+        steps=[step],
+        nonfinite=nonfinite,
+        params=list(params),
+        shares=list(shares),
+        low=share,
+        high=share,
+        complete=complete,
+        recorded=recorded,
+        skipped=int(skipped),
+        together=(together, together, count),
+    )
+
+
 def _one(norm: float, top_norms: Sequence[float], top_index: Sequence[float]) -> tuple:
-    """One step: ``(nonfinite, params, shares, recorded, complete)``."""
+    """One step: ``(nonfinite, params, shares, recorded, complete, (together, count))``."""
     entries = [(int(j), v) for j, v in zip(top_index, top_norms) if j >= 0]
     if not entries:
-        return (not math.isfinite(norm), [], [], False, True)
+        return (not math.isfinite(norm), [], [], False, True, (math.nan, 0))
     if not math.isfinite(norm):
         bad = [j for j, v in entries if not math.isfinite(v)]
-        return (True, bad, [], True, len(bad) < len(top_index))
+        return (True, bad, [], True, len(bad) < len(top_index), (math.nan, 0))
     total = norm * norm
     shares = [v * v / total if total > 0 else 0.0 for _, v in entries]
-    return (False, [j for j, _ in entries][:2], shares[:2], True, True)
+    return (False, [j for j, _ in entries][:2], shares[:2], True, True, (sum(shares), len(shares)))
 
 
 def _merge(run: Attribution, found: tuple, step: int, skipped: bool) -> None:
     """Add one step's finding to ``run`` (same top contributor): the next contributor is kept
     only while it is the same at every step, and the shares are averaged."""
-    nonfinite, params, shares, _, complete = found
+    nonfinite, params, shares, _, complete, (together, count) = found
     n = len(run.steps)
     run.steps.append(step)
     run.skipped += int(skipped)
@@ -176,6 +196,8 @@ def _merge(run: Attribution, found: tuple, step: int, skipped: bool) -> None:
     if nonfinite:
         return
     run.low, run.high = min(run.low, shares[0]), max(run.high, shares[0])
+    low, high, k = run.together
+    run.together = (min(low, together), max(high, together), min(k, count))
     if len(run.params) > 1 and (len(params) < 2 or params[1] != run.params[1]):
         run.params, run.shares = run.params[:1], run.shares[:1]
     run.shares = [(s * n + new) / (n + 1) for s, new in zip(run.shares, shares)]

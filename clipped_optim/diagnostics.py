@@ -235,7 +235,8 @@ def _attributions(report: ClipReport, top: Tensor, names: Any, shapes: Any) -> l
         return []
     median = report.percentiles.get(50, math.nan)
     limit = OUTLIER_FACTOR * median if median > 0 else math.inf
-    positions = explained_steps(report.norms, report.coefs, report.skipped_mask, limit, report.mode)
+    spike_bound = report.threshold if report.mode == "zclip" else None
+    positions = explained_steps(report.norms, report.coefs, report.thresholds, report.skipped_mask, limit, spike_bound)
     return attribute(
         report.steps,
         report.norms,
