@@ -37,6 +37,15 @@ just above 1.0 in the middle of the run: ``max_norm=1.0`` (and ZClip's default c
 the common default, not a value tuned for this model, and on those steps it is a mild rescale
 (the panel says by how much).
 
+The clipped runs' reports say which parameters carried the outlier steps (the demo prints them,
+and saves the ``max_norm=1.0`` run as ``clip_checkpoint.pt`` in ``--out``, which
+``python -m clipped_optim report out/clip_checkpoint.pt`` reads). What they find: the corrupt
+batches are the only outliers, and the largest share of their squared norm is in the LM head
+(``head.weight``: 22-43% at 300 steps, 32-70% at 200), with the rest spread over the attention
+projections (up to 15% each); the embedding of the never-seen token is not among the top 3. The
+ZClip run also names two clean steps near step 55 that it flagged as z-score spikes (the first
+block's attention input projection).
+
 The numbers are seeded and repeat on one machine; across CPUs the float rounding differs and
 so do the last digits and the clipped-step counts. The test suite checks the conclusions
 (``tests/test_examples.py``), not the digits.
