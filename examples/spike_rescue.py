@@ -204,7 +204,9 @@ def train(
     report = opt.report()  # the per-step history kept on the device, read once
     clipped = [c < 1 and math.isfinite(v) for c, v in zip(report.coefs, report.norms)]
     line = torch.stack(spike_line).tolist() if zclip else None
-    result = RunResult(name, losses_f, report.norms, report.thresholds, clipped, report.skipped_mask, report.coefs, line)
+    result = RunResult(
+        name, losses_f, report.norms, report.thresholds, clipped, report.skipped_mask, report.coefs, line
+    )
     result.report = report
     result.checkpoint = {"model": model.state_dict(), "optimizer": opt.state_dict()}
     return result
