@@ -273,12 +273,15 @@ class Recorder:
         self._steps = counters[:1]  # the step number as a 1-element index: no host read
         self._true = torch.ones((), dtype=torch.bool, device=device)
         history = state.get("history")
-        top_k = 0 if history is None else top_k_of(history)
+        self._new_row(0 if history is None else top_k_of(history), device)
+        self._index = torch.zeros(1, dtype=torch.int64, device=device)
+        return counters
+
+    def _new_row(self, top_k: int, device: torch.device) -> None:
+        """The row buffer each step is stacked into, for a history of ``top_k`` contributors."""
         self._row = _empty_history(1, top_k, device)
         self._columns = self._row[0, : len(HISTORY_COLUMNS)]
-        self._index = torch.zeros(1, dtype=torch.int64, device=device)
         self._top, self._top_k = None, -1
-        return counters
 
     def __call__(
         self,
@@ -334,6 +337,8 @@ class Recorder:
             row = torch.cat([torch.stack([c.to(history.dtype) for c in columns]), top_row(norms, top_k)])
             history.index_copy_(0, (state["steps"] % history.shape[0]).view(1), row.view(1, -1))
             return
+        if self._row.shape[1] != history.shape[1]:  # a history swapped for one of another width
+            self._new_row(top_k, history.device)
         torch.stack(columns, out=self._columns)
         if top_k:
             self._write_top(norms, top_k)

@@ -248,3 +248,13 @@ def test_plot_marks_the_attributed_steps(tmp_path):
     ax = plot_history(opt.report(model.named_parameters()), path=str(tmp_path / "h.png"))
     assert any(t.get_text() == "2.weight" for t in ax.texts)
     assert (tmp_path / "h.png").stat().st_size > 0
+
+
+def test_a_history_swapped_for_another_width_is_written_at_its_width():
+    model = _model()
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), history_size=4)
+    _train(opt, model, steps=1)
+    opt.state["clip"]["history"] = torch.zeros(4, 6)  # one contributor a row
+    _train(opt, model, spike=["2.weight"], steps=6)
+    row = opt.state["clip"]["history"][5 % 4]
+    assert float(row[5]) == 1.0 and float(row[4]) > 0  # step 5: the spike, in param #1
