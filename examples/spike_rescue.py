@@ -42,7 +42,8 @@ and saves the ``max_norm=1.0`` run as ``clip_checkpoint.pt`` in ``--out``, which
 ``python -m clipped_optim report out/clip_checkpoint.pt`` reads). What they find: the corrupt
 batches are the only outliers, and the largest share of their squared norm is in the LM head
 (``head.weight``: 22-43% at 300 steps, 32-70% at 200), with the rest spread over the attention
-projections (up to 15% each); the embedding of the never-seen token is not among the top 3. The
+projections and a feed-forward layer (up to 15% each in the top 3); the embedding of the
+never-seen token is not among the top 3. The
 ZClip run also names two clean steps near step 55 that it flagged as z-score spikes (the first
 block's attention input projection).
 
