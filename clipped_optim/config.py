@@ -57,7 +57,7 @@ def _norm_type(value: Any) -> float:
 
 def _reserved() -> frozenset[str]:
     """The keys of ``optimizer.state["clip"]`` that belong to the statistics."""
-    return frozenset(new_clip_state("norm", torch.device("meta"), 1))
+    return frozenset(new_clip_state("norm", torch.device("meta"), 1)) | {"param_names", "param_shapes"}
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ class ClipConfig:
     nonfinite: str = "skip"
     foreach: bool | None = None
     history_size: int = 1000  # ring buffer of per-step norms for clipped_optim.diagnostics; 0: none
+    #: how many of each step's largest parameter norms the history keeps (attribution); 0: none
+    top_k: int = 3
     #: Distributed: the group over which each rank's gradients are slices of the whole
     #: (see clipped_optim.distributed); None for DDP, FSDP2 and single-process training.
     process_group: Any = None
@@ -111,6 +113,7 @@ class ClipConfig:
             "history_size",
             check.positive_int(_OWNER, "history_size", self.history_size, 0, " (0 keeps no history)"),
         )
+        set_(self, "top_k", check.positive_int(_OWNER, "top_k", self.top_k, 0, " (0 records no attribution)"))
         check_process_group(self.process_group)
         check.flag(_OWNER, "flat_grads", self.flat_grads)
         skip = _skip_policy(self.skip_spikes)

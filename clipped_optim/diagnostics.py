@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 
 from . import stats as _stats
+from .attribution import Attribution, attribute, describe, explained_steps, parameter_label
 
-__all__ = ["clip_stats", "clip_report", "ClipReport", "plot_history", "advise"]
+__all__ = ["clip_stats", "clip_report", "state_report", "ClipReport", "Attribution", "plot_history", "advise"]
 
 #: Below this fraction of steps clipped, clipping counts as "almost never active".
 RARELY = 0.01
@@ -105,6 +106,9 @@ class ClipReport:
         ..., 99: ..., 100: ...}``.
         threshold: the median threshold in effect over the window.
         advice: plain sentences, one per finding.
+        attributions: the parameters behind the window's outlier, skipped and non-finite
+            steps, one :class:`~clipped_optim.attribution.Attribution` per run of steps with
+            the same finding (see :mod:`clipped_optim.attribution`).
         steps, norms, thresholds, coefs, skipped_mask: the window's per-step history (host
         lists), for :func:`plot_history`.
     """
@@ -124,6 +128,7 @@ class ClipReport:
     thresholds: list[float] = field(default_factory=list, repr=False)
     coefs: list[float] = field(default_factory=list, repr=False)
     skipped_mask: list[bool] = field(default_factory=list, repr=False)
+    attributions: list[Attribution] = field(default_factory=list)
 
     def __str__(self) -> str:
         pct = ", ".join(f"p{q} {v:.3g}" for q, v in self.percentiles.items()) or "n/a"
@@ -134,6 +139,9 @@ class ClipReport:
             f"  pre-clip norm: {pct}",
         ]
         lines += [f"  - {sentence}" for sentence in self.advice]
+        if self.attributions:
+            lines.append("  where the outlier, skipped and non-finite steps' gradient norm was:")
+            lines += [f"    {line}" for line in describe(self.attributions)]
         return "\n".join(lines)
 
 
@@ -147,17 +155,39 @@ def _unroll(history: Tensor, total_steps: int, first_step: int = 0) -> tuple[lis
     return list(range(begin, total_steps)), history[order]
 
 
-def clip_report(optimizer: Any, window: int | None = None) -> ClipReport:
+def clip_report(optimizer: Any, window: int | None = None, named_parameters: Any = None) -> ClipReport:
     """Summarise the recorded history of ``optimizer`` (one device-to-host copy).
 
     Args:
         optimizer: a :class:`~clipped_optim.ClippedOptimizer`.
         window: the number of most recent steps to cover (default: all the history holds,
             i.e. up to ``history_size``).
+        named_parameters: ``model.named_parameters()`` or a ``{name: parameter}`` map, to name
+            the parameters in the attributions (default: the names the optimizer was given,
+            see :meth:`~clipped_optim.ClippedOptimizer.name_parameters`; else index and shape).
     """
+    state = _clip_state(optimizer)
+    params = [p for g in getattr(optimizer, "param_groups", ()) for p in g["params"]]
+    names = state.get("param_names")
+    if named_parameters is not None:
+        by_id: dict[int, str] = {}
+        for name, p in _named(named_parameters):
+            by_id.setdefault(id(p), name)
+        names = [by_id.get(id(p)) for p in params]
+    shapes = [tuple(p.shape) for p in params] if params else state.get("param_shapes")
+    return state_report(state, window, names, shapes)
+
+
+def state_report(
+    state: dict[str, Any],
+    window: int | None = None,
+    names: Any = None,
+    shapes: Any = None,
+) -> ClipReport:
+    """:func:`clip_report` of a clip state alone (``optimizer.state["clip"]``, or the one of a
+    checkpoint): ``names``/``shapes`` describe the parameters in optimizer order."""
     if window is not None and (not isinstance(window, int) or window <= 0):
         raise ValueError(f"clip_report: invalid window={window!r}; expected a positive number of steps")
-    state = _clip_state(optimizer)
     counters = torch.stack([state[k].to(torch.float64) for k in _stats.COUNTERS])
     history = state.get("history")
     if history is None:  # counters only: the figures cover every step since the start
@@ -170,7 +200,8 @@ def clip_report(optimizer: Any, window: int | None = None) -> ClipReport:
     steps, rows = _unroll(flat[len(counters) :].view(history.shape), total, first)
     if window is not None:
         steps, rows = steps[-window:], rows[-window:]
-    norms, thresholds, coefs, skip_flags = rows.unbind(1)
+    base = len(_stats.HISTORY_COLUMNS)
+    norms, thresholds, coefs, skip_flags = rows[:, :base].unbind(1)
     finite = torch.isfinite(norms)
     clipped_mask = (coefs < 1) & finite
     percentiles = _percentiles(norms[finite])
@@ -193,7 +224,28 @@ def clip_report(optimizer: Any, window: int | None = None) -> ClipReport:
         skipped_mask=(skip_flags > 0).tolist(),
     )
     report.advice = advise(report)
+    report.attributions = _attributions(report, rows[:, base:], names, shapes)
     return report
+
+
+def _attributions(report: ClipReport, top: Tensor, names: Any, shapes: Any) -> list[Attribution]:
+    """The parameters behind the report's outlier, skipped and non-finite steps."""
+    k = top.shape[1] // 2
+    if k == 0 or not report.steps:
+        return []
+    median = report.percentiles.get(50, math.nan)
+    limit = OUTLIER_FACTOR * median if median > 0 else math.inf
+    spike_bound = report.threshold if report.mode == "zclip" else None
+    positions = explained_steps(report.norms, report.coefs, report.thresholds, report.skipped_mask, limit, spike_bound)
+    return attribute(
+        report.steps,
+        report.norms,
+        report.skipped_mask,
+        top[:, :k].tolist(),
+        top[:, k:].tolist(),
+        positions,
+        lambda i: parameter_label(i, names, shapes),
+    )
 
 
 def _percentiles(norms: Tensor) -> dict[int, float]:
@@ -285,7 +337,8 @@ def _outlier_stream(r: ClipReport) -> str | None:
 
 
 def plot_history(source: Any, ax: Any = None, path: str | None = None, title: str | None = None) -> Any:
-    """Draw the pre-clip norm history with the threshold; clipped and skipped steps marked.
+    """Draw the pre-clip norm history with the threshold; clipped and skipped steps marked, and
+    the first step of each attribution labelled with its top contributor.
 
     Args:
         source: a :class:`ClipReport`, or a ClippedOptimizer (its full history is used).
@@ -309,6 +362,7 @@ def plot_history(source: Any, ax: Any = None, path: str | None = None, title: st
     skipped = [s for s, k in zip(report.steps, report.skipped_mask) if k]
     for i, s in enumerate(skipped):
         ax.axvline(s, color="tab:purple", alpha=0.4, lw=1, label="skipped" if i == 0 else None)
+    _mark_attributions(ax, report)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("grad norm")
@@ -318,3 +372,30 @@ def plot_history(source: Any, ax: Any = None, path: str | None = None, title: st
         ax.figure.tight_layout()
         ax.figure.savefig(path, dpi=120)
     return ax
+
+
+def _mark_attributions(ax: Any, report: ClipReport) -> None:
+    """Label the first step of each attribution (up to the report's printed ones) with its
+    top contributor; a non-finite step is marked at the top of the finite norms."""
+    finite = [n for n in report.norms if math.isfinite(n)]
+    top = max(finite) if finite else 1.0
+    where = dict(zip(report.steps, report.norms))
+    for i, a in enumerate(report.attributions[:MAX_MARKED]):
+        step = a.steps[0]
+        y = where.get(step, top)
+        y = y if math.isfinite(y) and y > 0 else top
+        text = (a.labels[0] if a.labels else "?") + (" (NaN/Inf)" if a.nonfinite else "")
+        ax.scatter(
+            [s for s in a.steps if s in where],
+            [where[s] if math.isfinite(where[s]) else top for s in a.steps if s in where],
+            marker="x",
+            s=24,
+            color="tab:orange",
+            zorder=4,
+            label="attributed" if i == 0 else None,
+        )
+        ax.annotate(text, (step, y), xytext=(4, 6), textcoords="offset points", fontsize=7, color="tab:orange")
+
+
+#: At most this many attributions are labelled on a plot.
+MAX_MARKED = 10

@@ -640,6 +640,6 @@ def _from_rank0(clip: Any) -> Any:
 def _restore(clip: Any, config: Any, device: torch.device) -> dict[str, Any]:
     if isinstance(clip, (bytes, bytearray)):
         clip = torch.load(io.BytesIO(clip), weights_only=True)
-    state = restore_clip_state(clip, config.mode_name, device, config.history_size)
+    state = restore_clip_state(clip, config.mode_name, device, config.history_size, config.top_k)
     state["param_norms"] = torch.zeros(0, dtype=torch.float32, device=device)
     return state

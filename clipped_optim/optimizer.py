@@ -109,7 +109,12 @@ class ClippedOptimizer(Optimizer):
             anyway, as plain torch does, with no host sync at all.
         foreach: use the ``torch._foreach_*`` kernels (``None``: wherever the device has them).
         history_size: how many recent steps' norms to keep on the device for
-            :meth:`report` (default 1000, which costs 16 kB; ``0``: none).
+            :meth:`report` (default 1000, which costs 16 kB, plus the attribution below;
+            ``0``: none).
+        top_k: how many of each step's largest parameter gradient norms the history keeps
+            with their parameters' indices, so that :meth:`report` can name the parameters
+            behind an outlier step (default 3: ``history_size * top_k * 2`` more float32,
+            24 kB at the defaults; ``0``: none). See :mod:`clipped_optim.stats`.
         process_group: for manual sharding only (ZeRO-style optimizers, FSDP1, pipeline
             stages): the group over which each rank's gradients are slices of the whole; the
             norm is then reduced over it. DDP and FSDP2/DTensor need nothing; see
@@ -159,6 +164,7 @@ class ClippedOptimizer(Optimizer):
         nonfinite: str = "skip",
         foreach: bool | None = None,
         history_size: int = 1000,
+        top_k: int = 3,
         process_group: Any = None,
         flat_grads: bool = False,
         skip_spikes: bool | ClipPolicy = False,
@@ -179,6 +185,7 @@ class ClippedOptimizer(Optimizer):
                 nonfinite=nonfinite,
                 foreach=foreach,
                 history_size=history_size,
+                top_k=top_k,
                 process_group=process_group,
                 flat_grads=flat_grads,
                 skip_spikes=skip_spikes,
@@ -313,7 +320,9 @@ class ClippedOptimizer(Optimizer):
         gate = pending.gate
         assert gate.finite is not None and gate.hold is not None, "the gate was not asked"
         skip = gate.skip if "history" in state else None  # the float flag, shared with a fused kernel
-        self._recorder(state, pending.result, gate.finite, gate.hold, gate.nonfinite, gate.proceeded, skip)
+        # Sharded, param_norms are of this rank's pieces, not of whole parameters: no attribution.
+        attribute = self._reduction is None
+        self._recorder(state, pending.result, gate.finite, gate.hold, gate.nonfinite, gate.proceeded, skip, attribute)
 
     def _clip_and_record(self, grad_scale: Tensor | None, found_inf: Tensor | None, fold: bool):
         """Everything a step does besides the inner step, with no host sync (it compiles with
@@ -465,7 +474,7 @@ class ClippedOptimizer(Optimizer):
         state: dict[Any, Any] = self.optimizer.state  # parameters as keys, and the string "clip"
         if stats.STATE_KEY not in state:  # fresh, or a plain inner state_dict was loaded
             state[stats.STATE_KEY] = stats.new_clip_state(
-                self.config.mode_name, self._device(), self.config.history_size
+                self.config.mode_name, self._device(), self.config.history_size, self.config.top_k
             )
         return state[stats.STATE_KEY]
 
@@ -482,8 +491,10 @@ class ClippedOptimizer(Optimizer):
         state_dict = self.optimizer.state_dict()
         inner_state = state_dict.get("state")
         if isinstance(inner_state, dict) and stats.STATE_KEY in inner_state:
-            # a dict of its own, so the next steps' new statistics do not appear in it
-            inner_state[stats.STATE_KEY] = dict(inner_state[stats.STATE_KEY])
+            # a dict of its own, so the next steps' new statistics do not appear in it; the
+            # shapes let a report read from the checkpoint alone describe the parameters
+            clip = inner_state[stats.STATE_KEY] = dict(inner_state[stats.STATE_KEY])
+            clip["param_shapes"] = [tuple(int(d) for d in p.shape) for p in self._params()]
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             state_dict = post_hook(self, state_dict) or state_dict
         return state_dict
@@ -506,7 +517,7 @@ class ClippedOptimizer(Optimizer):
 
     def _restored_clip_state(self, loaded: Any) -> dict[str, Any]:
         cfg = self.config
-        state = stats.restore_clip_state(loaded, cfg.mode_name, self._device(), cfg.history_size)
+        state = stats.restore_clip_state(loaded, cfg.mode_name, self._device(), cfg.history_size, cfg.top_k)
         n_params = sum(len(g["params"]) for g in self.param_groups)
         policy.check_policy_state(cfg.policy, cfg.policy_keys, state, n_params)
         policy.check_policy_state(cfg.skip, cfg.skip_keys, state, n_params)
@@ -525,6 +536,29 @@ class ClippedOptimizer(Optimizer):
         # a parameter added (add_param_group) after the last step has no recorded norm yet
         return {name: norms[index[id(p)]] for name, p in named_parameters if index.get(id(p), len(norms)) < len(norms)}
 
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def name_parameters(self, named_parameters: Any) -> list[str | None]:
+        """Remember each parameter's name, so reports and later checkpoints can use them.
+
+        ``opt.name_parameters(model.named_parameters())`` (or a ``{name: parameter}`` map)
+        matches the parameters by identity to this optimizer's order; those it does not hold
+        are ignored, and its own parameters without a name get ``None``. The names are kept in
+        ``state["clip"]["param_names"]`` (plain strings, so ``state_dict()`` carries them).
+        The package's Lightning and Hugging Face callbacks call this for you.
+
+        Returns:
+            The names in optimizer order.
+        """
+        items = named_parameters.items() if isinstance(named_parameters, dict) else named_parameters
+        by_id: dict[int, str] = {}
+        for name, p in items:
+            by_id.setdefault(id(p), name)  # a tied parameter keeps its first name
+        names = [by_id.get(id(p)) for p in self._params()]
+        self._clip_state()["param_names"] = names
+        return names
+
     # -- reading the statistics (one host sync each; see clipped_optim.diagnostics)
     def stats(self, named_parameters: Any = None, prefix: str = "clip/") -> dict[str, float]:
         """The clip statistics as a flat ``dict[str, float]`` for a logger, with one sync.
@@ -535,10 +569,27 @@ class ClippedOptimizer(Optimizer):
 
         return clip_stats(self, named_parameters, prefix=prefix)
 
-    def report(self, window: int | None = None) -> Any:
-        """A :class:`~clipped_optim.diagnostics.ClipReport` over the recorded history, with advice."""
+    def report(self, named_parameters: Any = None, window: int | None = None) -> Any:
+        """A :class:`~clipped_optim.diagnostics.ClipReport` over the recorded history, with advice
+        and the parameters behind the outlier steps.
+
+        Args:
+            named_parameters: ``model.named_parameters()`` or a ``{name: parameter}`` map: the
+                report names the parameters with these (and keeps them, as
+                :meth:`name_parameters` does). Without it, the names given before are used,
+                else each parameter is given by its index in optimizer order and its shape.
+                An ``int`` here is taken as ``window``, as in ``report(100)`` before names
+                could be given.
+            window: the number of most recent steps to cover (default: the whole history).
+        """
         from .diagnostics import clip_report
 
+        if isinstance(named_parameters, int) and not isinstance(named_parameters, bool):
+            if window is not None:
+                raise TypeError("ClippedOptimizer.report: window given twice (positionally and by keyword)")
+            named_parameters, window = None, named_parameters
+        if named_parameters is not None:
+            self.name_parameters(named_parameters)
         return clip_report(self, window=window)
 
     # -- the rest of the Optimizer API, delegated

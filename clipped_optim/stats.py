@@ -19,10 +19,19 @@ Keys:
     skipped_steps: steps whose update was skipped (non-finite gradients, or a GradScaler
         overflow), leaving parameters and optimizer state untouched.
     nonfinite_steps: steps whose gradients held NaN/Inf, whatever the policy did with them.
-    history: (only with ``history_size > 0``) a ring buffer of shape ``(history_size, 4)``,
-        one row per step with the columns of :data:`HISTORY_COLUMNS`; step ``k`` (0-based)
-        is row ``k % history_size``. Written every step on the device, read by
-        :mod:`clipped_optim.diagnostics` only when a report is asked for.
+    history: (only with ``history_size > 0``) a ring buffer of shape
+        ``(history_size, 4 + 2 * top_k)``, one row per step with the columns of
+        :func:`history_columns`: :data:`HISTORY_COLUMNS`, then the step's ``top_k`` largest
+        parameter norms (``top_norm_0`` first) and those parameters' indices in optimizer order
+        (``top_index_0``..., float32, exact below 2**24; -1 where nothing was recorded: fewer
+        parameters than ``top_k``, sharded gradients, rows of a checkpoint written without
+        them). Step ``k`` (0-based) is row ``k % history_size``. Written every step on the
+        device, read by :mod:`clipped_optim.diagnostics` only when a report is asked for.
+    param_names: (only once names were given, see
+        :meth:`ClippedOptimizer.name_parameters`) each parameter's name in optimizer order,
+        ``None`` where unknown; plain strings, so a checkpoint carries them.
+    param_shapes: (in ``state_dict()`` only) each parameter's shape in optimizer order, as
+        tuples of ints, so that a report read from a checkpoint alone can describe them.
 """
 
 from __future__ import annotations
@@ -37,6 +46,11 @@ __all__ = [
     "STATE_KEY",
     "COUNTERS",
     "HISTORY_COLUMNS",
+    "history_columns",
+    "top_k_of",
+    "top_row",
+    "relayout_history",
+    "NO_INDEX",
     "new_clip_state",
     "restore_clip_state",
     "check_tensor",
@@ -48,9 +62,29 @@ __all__ = [
 STATE_KEY = "clip"
 COUNTERS = ("steps", "clipped_steps", "skipped_steps", "nonfinite_steps")
 HISTORY_COLUMNS = ("grad_norm", "threshold", "clip_coef", "skipped")
+#: The index recorded where no parameter is (padding, or a row written without attribution).
+NO_INDEX = -1.0
 
 
-def new_clip_state(mode: str, device: torch.device, history_size: int = 0) -> dict[str, Any]:
+def history_columns(top_k: int) -> tuple[str, ...]:
+    """The names of a history row's columns with ``top_k`` attributed parameters."""
+    return (
+        HISTORY_COLUMNS + tuple(f"top_norm_{i}" for i in range(top_k)) + tuple(f"top_index_{i}" for i in range(top_k))
+    )
+
+
+def top_k_of(history: Tensor) -> int:
+    """How many top contributors the rows of ``history`` hold (from its width)."""
+    return (history.shape[1] - len(HISTORY_COLUMNS)) // 2
+
+
+def _empty_history(history_size: int, top_k: int, device: torch.device) -> Tensor:
+    history = torch.zeros(history_size, len(history_columns(top_k)), dtype=torch.float32, device=device)
+    history[:, len(HISTORY_COLUMNS) + top_k :] = NO_INDEX
+    return history
+
+
+def new_clip_state(mode: str, device: torch.device, history_size: int = 0, top_k: int = 0) -> dict[str, Any]:
     def zero(dtype: torch.dtype) -> Tensor:
         return torch.zeros((), dtype=dtype, device=device)
 
@@ -59,7 +93,7 @@ def new_clip_state(mode: str, device: torch.device, history_size: int = 0) -> di
     state["param_norms"] = torch.zeros(0, dtype=torch.float32, device=device)
     state.update(zip(COUNTERS, torch.zeros(len(COUNTERS), dtype=torch.int64, device=device).unbind()))
     if history_size > 0:
-        state["history"] = torch.zeros(history_size, len(HISTORY_COLUMNS), dtype=torch.float32, device=device)
+        state["history"] = _empty_history(history_size, top_k, device)
         state["history_start"] = zero(torch.int64)  # the first step the buffer recorded
     return state
 
@@ -94,13 +128,13 @@ _KEYS: dict[str, tuple[int, str, tuple[int | None, ...] | None]] = {
     "threshold": (0, "float", None),
     "param_norms": (1, "float", None),
     **dict.fromkeys(COUNTERS, (0, "int", None)),
-    "history": (2, "float", (None, len(HISTORY_COLUMNS))),
+    "history": (2, "float", None),  # its width is checked by _check_history_width
     "history_start": (0, "int", None),
 }
 
 
 def restore_clip_state(
-    loaded: dict[str, Any] | None, mode: str, device: torch.device, history_size: int = 0
+    loaded: dict[str, Any] | None, mode: str, device: torch.device, history_size: int = 0, top_k: int = 0
 ) -> dict[str, Any]:
     """A clip state from a checkpoint, as the step expects it, or a clear error.
 
@@ -108,8 +142,12 @@ def restore_clip_state(
     copied (``load_state_dict`` copies string-keyed state shallowly: without the copy, the
     in-place counter updates of later steps would edit the caller's checkpoint). The keys of a
     clip policy's state are checked by :func:`clipped_optim.policy.check_policy_state`.
+
+    A history written with another number of top contributors (older checkpoints have none)
+    keeps its rows: the columns this optimizer records are filled from it, and the others
+    marked unknown (index -1).
     """
-    state = new_clip_state(mode, device, history_size)
+    state = new_clip_state(mode, device, history_size, top_k)
     if loaded is None:
         return state
     if not isinstance(loaded, dict):
@@ -122,17 +160,57 @@ def restore_clip_state(
     for key, (ndim, kind, shape) in _KEYS.items():
         if key in loaded:
             check_tensor(key, loaded[key], ndim, kind, shape)
+    if "history" in loaded:
+        _check_history_width(loaded["history"])
+    _check_names(loaded.get("param_names"))
     for key, value in loaded.items():
-        state[key] = value.detach().to(device, copy=True) if isinstance(value, Tensor) else copy.deepcopy(value)
+        if key != "param_shapes":  # a snapshot of the saving optimizer's, redone at each state_dict()
+            state[key] = value.detach().to(device, copy=True) if isinstance(value, Tensor) else copy.deepcopy(value)
+    if history_size > 0 and "history" in loaded:
+        state["history"] = relayout_history(state["history"], top_k)
     if history_size == 0:
         state.pop("history", None)
         state.pop("history_start", None)
     elif "history" not in loaded or state["history"].shape[0] != history_size:
         # new or resized: keep nothing rather than misplace rows, and say where it starts
-        state["history"] = new_clip_state(mode, device, history_size)["history"]
+        state["history"] = new_clip_state(mode, device, history_size, top_k)["history"]
         state["history_start"] = state["steps"].clone()
     pack_counters(state)
     return state
+
+
+def _check_history_width(history: Tensor) -> None:
+    extra = history.shape[1] - len(HISTORY_COLUMNS)
+    if extra < 0 or extra % 2:
+        raise ValueError(
+            "ClippedOptimizer: the checkpoint's clip state has an invalid 'history': expected a 2-dim "
+            f"float tensor of shape ('*', {len(HISTORY_COLUMNS)} + 2 * top_k), got a {history.dtype} tensor "
+            f"of shape {tuple(history.shape)}"
+        )
+
+
+def _check_names(names: Any) -> None:
+    if names is not None and not (
+        isinstance(names, (list, tuple)) and all(n is None or isinstance(n, str) for n in names)
+    ):
+        raise ValueError(
+            "ClippedOptimizer: the checkpoint's clip state has an invalid 'param_names': expected a list "
+            f"of str (or None), got {type(names).__name__}"
+        )
+
+
+def relayout_history(history: Tensor, top_k: int) -> Tensor:
+    """``history`` with ``top_k`` top contributors a row: the rows kept, the first ``top_k``
+    recorded contributors copied, the missing ones marked unknown (index -1, norm 0)."""
+    have = top_k_of(history)
+    if have == top_k:
+        return history
+    out = _empty_history(history.shape[0], top_k, history.device)
+    base, keep = len(HISTORY_COLUMNS), min(have, top_k)
+    out[:, :base] = history[:, :base]
+    out[:, base : base + keep] = history[:, base : base + keep]
+    out[:, base + top_k : base + top_k + keep] = history[:, base + have : base + have + keep]
+    return out
 
 
 def pack_counters(state: dict[str, Any]) -> Tensor:
@@ -157,17 +235,32 @@ class Recorder:
     """Folds each step's :class:`~clipped_optim.modes.ClipResult` into one clip state, sync-free.
 
     Six small ops a step, whatever the mode (the counters are advanced by one ``add_``, the
-    history row is stacked into a buffer kept here and written by one ``index_copy_``): these
-    ops run on every step, so on a small model they are most of what the wrapper adds to a
-    step. A state dict it has not seen (fresh, loaded, replaced) is re-packed on first use.
+    history row is stacked into a buffer kept here and written by one ``index_copy_``), and
+    two more with attribution (a ``topk`` of the parameter norms written into the same row,
+    and a copy of its indices): these ops run on every step, so on a small model they are
+    most of what the wrapper adds to a step. A state dict it has not seen (fresh, loaded,
+    replaced) is re-packed on first use.
     """
 
-    __slots__ = ("_state", "_views", "_counters", "_steps", "_true", "_row", "_columns", "_index")
+    __slots__ = (
+        "_state",
+        "_views",
+        "_counters",
+        "_steps",
+        "_true",
+        "_row",
+        "_columns",
+        "_index",
+        "_top",
+        "_top_k",
+    )
 
     def __init__(self) -> None:
         self._state: dict[str, Any] | None = None
         self._views: tuple[Tensor, ...] = ()
         self._counters: Tensor | None = None
+        self._top: tuple[Tensor, Tensor, Tensor] | None = None
+        self._top_k = -1  # how many contributors the row's views hold (-1: none made yet)
 
     def _bind(self, state: dict[str, Any]) -> Tensor | None:
         if self._state is state and all(state[k] is v for k, v in zip(COUNTERS, self._views)):
@@ -179,10 +272,16 @@ class Recorder:
         self._state, self._views, self._counters = state, tuple(state[k] for k in COUNTERS), counters
         self._steps = counters[:1]  # the step number as a 1-element index: no host read
         self._true = torch.ones((), dtype=torch.bool, device=device)
-        self._row = torch.zeros(1, len(HISTORY_COLUMNS), dtype=torch.float32, device=device)
-        self._columns = self._row.view(-1)
+        history = state.get("history")
+        self._new_row(0 if history is None else top_k_of(history), device)
         self._index = torch.zeros(1, dtype=torch.int64, device=device)
         return counters
+
+    def _new_row(self, top_k: int, device: torch.device) -> None:
+        """The row buffer each step is stacked into, for a history of ``top_k`` contributors."""
+        self._row = _empty_history(1, top_k, device)
+        self._columns = self._row[0, : len(HISTORY_COLUMNS)]
+        self._top, self._top_k = None, -1
 
     def __call__(
         self,
@@ -193,13 +292,15 @@ class Recorder:
         nonfinite: Tensor | None = None,
         proceeded: Tensor | None = None,
         skip: Tensor | None = None,
+        attribute: bool = True,
     ) -> None:
         """Record one step. ``finite``/``skipped`` are 0-dim bools; ``nonfinite`` (``~finite``),
         ``proceeded`` (``finite & ~skipped``) and ``skip`` (``skipped`` as a float) may be
-        passed when the caller has them."""
+        passed when the caller has them. ``attribute=False`` records no top contributors
+        (their columns say "unknown"): for norms that are not those of whole parameters."""
         counters = self._bind(state)
         if "history" in state:
-            self._write_history(state, counters, result, skipped, skip)
+            self._write_history(state, counters, result, skipped, skip, attribute)
         state["grad_norm"] = result.total_norm
         state["clip_coef"] = result.clip_coef
         state["threshold"] = result.threshold
@@ -217,20 +318,68 @@ class Recorder:
             counters.add_(torch.stack([self._true, clipped, skipped, nonfinite]))
 
     def _write_history(
-        self, state: dict[str, Any], counters: Tensor | None, result: Any, skipped: Tensor, skip: Tensor | None
+        self,
+        state: dict[str, Any],
+        counters: Tensor | None,
+        result: Any,
+        skipped: Tensor,
+        skip: Tensor | None,
+        attribute: bool,
     ) -> None:
-        """Write this step's row (:data:`HISTORY_COLUMNS`) at row ``steps % history_size``."""
+        """Write this step's row (:func:`history_columns`) at row ``steps % history_size``."""
         history = state["history"]
         # one dtype stacks in one copy; a bool column would take the slow mixed path
         skip = skipped.to(history.dtype) if skip is None else skip
         columns = (result.total_norm, result.threshold, result.clip_coef, skip)
+        top_k = top_k_of(history)
+        norms = result.param_norms if attribute else result.param_norms[:0]
         if counters is None:  # compiled: no kept buffers
-            row = torch.stack([c.to(history.dtype) for c in columns])
+            row = torch.cat([torch.stack([c.to(history.dtype) for c in columns]), top_row(norms, top_k)])
             history.index_copy_(0, (state["steps"] % history.shape[0]).view(1), row.view(1, -1))
             return
+        if self._row.shape[1] != history.shape[1]:  # a history swapped for one of another width
+            self._new_row(top_k, history.device)
         torch.stack(columns, out=self._columns)
+        if top_k:
+            self._write_top(norms, top_k)
         torch.remainder(self._steps, history.shape[0], out=self._index)
         history.index_copy_(0, self._index, self._row)
+
+    def _write_top(self, norms: Tensor, top_k: int) -> None:
+        """The ``top_k`` largest of ``norms`` and their indices into the row: a NaN sorts
+        above every number and inf above the finite ones, so a non-finite step names the
+        parameters that held NaN/Inf first. Views made when the count changes (a shape, never
+        a value: no host sync), so a step adds two ops."""
+        k = min(top_k, norms.shape[0])
+        if k != self._top_k:
+            base = len(HISTORY_COLUMNS)
+            self._row[0, base:].copy_(_empty_history(1, top_k, self._row.device)[0, base:])
+            values = self._row[0, base : base + k]
+            indices = self._row[0, base + top_k : base + top_k + k]
+            self._top = (values, torch.zeros(k, dtype=torch.int64, device=self._row.device), indices)
+            self._top_k = k
+        if k == 0:
+            return
+        assert self._top is not None
+        values, scratch, indices = self._top
+        torch.topk(norms.to(values.dtype), k, out=(values, scratch))
+        indices.copy_(scratch)
+
+
+def top_row(norms: Tensor, top_k: int) -> Tensor:
+    """The ``top_k`` attribution columns of a row for the 1-D ``norms`` (a new tensor: the
+    compiled path's and the reference's form of what :class:`Recorder` writes in place)."""
+    k = min(top_k, norms.shape[0])
+    values, indices = torch.topk(norms.to(torch.float32), k)
+    pad = top_k - k
+    return torch.cat(
+        [
+            values,
+            values.new_zeros(pad),
+            indices.to(torch.float32),
+            values.new_full((pad,), NO_INDEX),
+        ]
+    )
 
 
 def record(state: dict[str, Any], result: Any, finite: Tensor, skipped: Tensor) -> None:

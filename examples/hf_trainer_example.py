@@ -40,8 +40,14 @@ class RandomTokens(torch.utils.data.Dataset):
 
 
 def main(
-    max_steps: int = 12, output_dir: str = "out/hf_trainer", max_norm: float = 1.0, logging_steps: int = 4
+    max_steps: int = 12,
+    output_dir: str = "out/hf_trainer",
+    max_norm: float = 1.0,
+    logging_steps: int = 4,
+    save_steps: int | None = None,
 ) -> Trainer:
+    """Train; with ``save_steps`` the Trainer writes ``checkpoint-<step>`` directories whose
+    ``optimizer.pt`` ``python -m clipped_optim report`` reads."""
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2)
     model = GPT2LMHeadModel(config)
@@ -54,7 +60,8 @@ def main(
         max_grad_norm=0,  # the Trainer's clip off: ClippedOptimizer clips
         logging_steps=logging_steps,
         report_to=[],
-        save_strategy="no",
+        save_strategy="no" if save_steps is None else "steps",
+        save_steps=save_steps or 500,
         use_cpu=True,
         disable_tqdm=True,
     )

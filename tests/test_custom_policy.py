@@ -366,10 +366,16 @@ def test_old_checkpoint_loads_and_continues(name):
     model.load_state_dict(saved["checkpoint"]["model"])
     opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), history_size=8, **NEW_FORM[name])
     opt.load_state_dict(saved["checkpoint"]["optimizer"])
+    # 0.1.0 kept 4 columns: the loaded rows are kept, their attribution unknown (index -1)
+    loaded = opt.state["clip"]["history"]
+    assert loaded.shape == (8, 10) and (loaded[:, 7:] == -1).all() and loaded[:, :4].any()
     for step in range(old.BEFORE, old.BEFORE + old.AFTER):
         old.backward(model, step)
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), saved["final"]))
+    history = opt.state["clip"]["history"]
+    assert (history[:, 7:] >= 0).all()  # the steps since the load (8, the whole ring) are attributed
+    opt.state["clip"]["history"] = history[:, :4]  # the columns 0.1.0 wrote, compared below
     for key, value in saved["final_clip"].items():
         if name == "agc" and key in ("grad_norm", "param_norms", "history"):
             # 0.1.0's AGC derived the recorded norms from its unit norms; they are measured as

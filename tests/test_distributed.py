@@ -155,6 +155,13 @@ def _ddp_fsdp1_worker(rank: int, world: int) -> None:
         norms = _train(model, opt, rank, world, STEPS)
     assert calls == []
     _assert_same(norms, model.module.parameters(), ref_norms, ref_params)
+    # DDP's gradients are whole parameters: each step's top contributors are recorded, the same
+    # on every rank (replicas)
+    top = opt.state["clip"]["history"][:STEPS, 4:]
+    assert (top[:, 3:] >= 0).all()
+    gathered = [torch.zeros_like(top) for _ in range(world)]
+    dist.all_gather(gathered, top.contiguous())
+    assert all(torch.equal(g, gathered[0]) for g in gathered)
 
     # DDP, NaN in rank 1's input only: the all-reduce of the gradients spreads it, every rank skips.
     before = [p.detach().clone() for p in model.parameters()]
@@ -178,6 +185,8 @@ def _ddp_fsdp1_worker(rank: int, world: int) -> None:
     norms = _train(model, opt, rank, world, STEPS)
     with FSDP.summon_full_params(model):
         _assert_same(norms, model.parameters(), ref_norms, ref_params)
+    # slices of parameters: their norms are not the parameters', so no attribution is recorded
+    assert (opt.state["clip"]["history"][:STEPS, 7:] == -1).all()
 
     # Manual (ZeRO-style) slices: each rank owns half the parameters and their full
     # gradients; the norm over its own slice, summed over the group, is the global one.

@@ -35,15 +35,18 @@ def short_run(spike_rescue, tmp_path_factory):
     try:
         has_mpl = importlib.util.find_spec("matplotlib") is not None
         out = tmp_path_factory.mktemp("spike_rescue") if has_mpl else None  # the claim needs no plot
-        metrics = spike_rescue.run(steps=200, out=None if out is None else str(out), progress=False, runs=2)
+        results: list = []
+        metrics = spike_rescue.run(
+            steps=200, out=None if out is None else str(out), progress=False, runs=2, results=results
+        )
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(False)
-    return metrics, out
+    return metrics, out, results
 
 
 def test_unclipped_run_spikes_and_clipped_run_does_not(short_run):
-    metrics, _ = short_run
+    metrics, _, _ = short_run
     plain, clipped = metrics["no clipping"], metrics["max_norm=1.0"]
     # The corrupt batches are ~10,000x the usual norm in both runs: same data, same weights.
     assert plain["max_norm_seen"] > 1000 and clipped["max_norm_seen"] > 1000
@@ -56,7 +59,7 @@ def test_unclipped_run_spikes_and_clipped_run_does_not(short_run):
 
 
 def test_png_written(short_run):
-    _, out = short_run
+    _, out, _ = short_run
     if out is None:
         pytest.skip("matplotlib is not installed (extra 'examples')")
     path = out / "spike_rescue.png"
@@ -125,3 +128,24 @@ def test_zclip_run_records_its_own_bound(spike_rescue):
         spike_rescue.clean_clip_note(spike_rescue.RunResult("none", [0.0], [1.0], None, [False], [False]), spikes)
         is None
     )
+
+
+def test_the_report_names_the_parameters_behind_the_corrupt_batches(short_run, spike_rescue, capsys):
+    """The clipped run's report explains exactly the corrupt batches, by the LM head's share of
+    their squared norm; the command line prints the same from the saved checkpoint."""
+    _, out, results = short_run
+    report = results[1].report
+    spikes = spike_rescue.spike_steps_for(200)
+    (found,) = report.attributions
+    assert found.steps == spikes and not found.nonfinite
+    assert found.labels[0] == "head.weight" and found.low > 0.2
+    line = f"steps {', '.join(map(str, spikes))}: "
+    assert line in str(report) and "of the squared norm in head.weight" in str(report)
+    if out is None:
+        pytest.skip("the checkpoint is written beside the plot (matplotlib)")
+    from clipped_optim import cli
+
+    assert cli.main(["report", str(out / spike_rescue.CHECKPOINT)]) == 0
+    printed = capsys.readouterr().out
+    assert "parameter names: stored in the checkpoint" in printed
+    assert str(report) in printed

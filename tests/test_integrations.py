@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -295,3 +296,60 @@ def test_amp_example_without_cuda_ends_with_a_message():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "--cuda needs a CUDA GPU" in proc.stderr and "Run without --cuda" in proc.stderr
+
+
+# -- the command line on the checkpoints these frameworks write ---------------------------------
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    from clipped_optim import cli
+
+    code = cli.main(["report", *args])
+    return code, capsys.readouterr().out
+
+
+def test_cli_reports_a_lightning_checkpoint(tmp_path, capsys):
+    _lightning()
+    example = _load("lightning_example")
+    trainer, model = example.main(max_epochs=1, root=str(tmp_path), log_every_n_steps=5)
+    opt = trainer.optimizers[0]
+    # the callback named the parameters when training started
+    assert opt.state["clip"]["param_names"] == [name for name, _ in model.named_parameters()]
+    path = str(tmp_path / "last.ckpt")
+    trainer.save_checkpoint(path)
+    capsys.readouterr()
+    code, out = _cli(capsys, path)
+    assert code == 0
+    assert "clip state at ['optimizer_states'][0]['state']['clip']" in out
+    assert "parameter names: stored in the checkpoint" in out
+    assert str(opt.report()) in out
+
+
+def test_cli_reports_a_hf_trainer_checkpoint(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    example = _load("hf_trainer_example")
+    trainer = example.main(max_steps=4, output_dir=str(tmp_path), max_norm=0.05, logging_steps=4, save_steps=4)
+    opt = trainer.optimizer.optimizer
+    names = [name for name, _ in trainer.model.named_parameters()]
+    assert opt.state["clip"]["param_names"] == names
+    checkpoint = tmp_path / "checkpoint-4"
+    capsys.readouterr()
+    code, out = _cli(capsys, str(checkpoint))  # the directory: its optimizer.pt is read
+    assert code == 0 and "parameter names: stored in the checkpoint" in out
+    assert str(opt.report()) in out
+    # Without stored names, the model file beside optimizer.pt is matched by shape: only the
+    # parameters whose shape no other tensor has are named.
+    sd = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    del sd["state"]["clip"]["param_names"]
+    torch.save(sd, checkpoint / "optimizer.pt")
+    from clipped_optim import cli
+
+    loaded = cli.load_checkpoint(str(checkpoint / "optimizer.pt"))
+    assert "matched by shape to the model state dict in model.safetensors" in loaded.naming
+    shapes = [tuple(p.shape) for p in trainer.model.parameters()]
+    in_file = Counter(cli._safetensors_shapes(str(checkpoint / "model.safetensors")).values())
+    for name, got, shape in zip(names, loaded.names, shapes):
+        unique = in_file[shape] == 1 and shapes.count(shape) == 1
+        assert got == (name if unique else None), (name, got, shape)
+    # Two identical blocks and tied embeddings: every shape of this GPT-2 repeats, so no parameter
+    # is named (an ambiguous match is no match), and the report gives index and shape.
+    assert loaded.names == [None] * len(names)
+    assert "parameter names: matched by shape" in _cli(capsys, str(checkpoint))[1]

@@ -17,6 +17,7 @@ COUNTERS = ("steps", "clipped_steps", "skipped_steps", "nonfinite_steps")
 
 
 def _opt(mode="norm", history_size=6, n=4, **kw):
+    kw.setdefault("top_k", 0)  # the four base columns; the attribution columns: tests/test_attribution.py
     p = nn.Parameter(torch.zeros(n))
     max_norm, clip_value = kw.pop("max_norm", 1.0), kw.pop("clip_value", 1.0)
     bound = dict(clip_value=clip_value) if mode == "value" else dict(max_norm=max_norm)
@@ -268,7 +269,7 @@ def test_a_refused_key_says_what_was_expected():
         (
             "history",
             torch.zeros(4, 5),
-            "expected a 2-dim float tensor of shape ('*', 4), got a torch.float32 tensor of shape (4, 5)",
+            "expected a 2-dim float tensor of shape ('*', 4 + 2 * top_k), got a torch.float32 tensor of shape (4, 5)",
         ),
         ("grad_norm", torch.zeros(2), "expected a 0-dim float tensor, got a torch.float32 tensor of shape (2,)"),
         ("steps", [3], "expected a 0-dim int tensor, got list"),

@@ -35,3 +35,11 @@ def collect(optimizers: Iterable[Any], prefix: str, named_parameters: Any = None
         names = None if named_parameters is None else named_parameters()
         out.update(opt.stats(names, prefix=prefix if len(found) == 1 else f"{prefix}{i}/"))
     return out
+
+
+def name_parameters(optimizers: Iterable[Any], named_parameters: Any) -> None:
+    """Give every ClippedOptimizer in ``optimizers`` the module's parameter names, so its reports
+    and checkpoints name the parameters behind an outlier step (no sync: host lists only)."""
+    for opt in map(unwrap, optimizers):
+        if opt is not None:
+            opt.name_parameters(named_parameters())

@@ -12,7 +12,10 @@ On each training log (every ``logging_steps`` steps) the callback reads ``stats(
 ``ClippedOptimizer`` behind the Trainer's optimizer (one device-to-host copy) and adds
 ``clip/grad_norm``, ``clip/clip_coef``, ... to that log line: to ``trainer.state.log_history``
 and to the ``logs`` every later callback receives. On the other steps it does nothing, so it
-adds no host sync to them.
+adds no host sync to them. When training begins it gives the ``ClippedOptimizer`` the model's
+parameter names (:meth:`~clipped_optim.ClippedOptimizer.name_parameters`), so ``report()`` and
+the ``optimizer.pt`` of the Trainer's checkpoints name the parameters behind outlier steps
+(``python -m clipped_optim report out/checkpoint-500``).
 
 The Trainer calls the callbacks in order, and it puts its reporting callbacks (``report_to``:
 TensorBoard, W&B, MLflow, ...) *before* the ones passed in ``callbacks=``. For them to see the
@@ -31,7 +34,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ._common import collect
+from ._common import collect, name_parameters
 
 __all__ = ["ClipStatsCallback", "add_to"]
 
@@ -53,6 +56,11 @@ class ClipStatsCallback(TrainerCallback):
         self.per_parameter = per_parameter
         self.logged_steps: list[int] = []
         self._warned = False
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs.get("model")
+        if model is not None:
+            name_parameters([kwargs.get("optimizer")], model.named_parameters)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         # The first log line of a step is its training log; an evaluation logged at the same

@@ -14,6 +14,11 @@ when training stops), the callback reads ``stats()`` of every ``ClippedOptimizer
 the Trainer (CSV, TensorBoard, W&B, ...) and ``trainer.logged_metrics``. On the other steps it
 does nothing, so it adds no host sync to them.
 
+When training starts it also gives each ``ClippedOptimizer`` the module's parameter names
+(:meth:`~clipped_optim.ClippedOptimizer.name_parameters`), so ``report()`` and the checkpoints
+Lightning saves name the parameters behind outlier steps (``python -m clipped_optim report
+last.ckpt``).
+
 Needs ``pytorch_lightning`` (or the unified ``lightning`` package, used when
 ``pytorch_lightning`` is absent): ``pip install "clipped_optim[lightning]"``.
 """
@@ -27,7 +32,7 @@ try:
 except ImportError:  # the unified "lightning" package
     import lightning.pytorch as pl
 
-from ._common import collect
+from ._common import collect, name_parameters
 
 __all__ = ["ClipStatsCallback"]
 
@@ -52,6 +57,9 @@ class ClipStatsCallback(pl.Callback):
         self.per_parameter = per_parameter
         self.prog_bar = prog_bar
         self.logged_steps: list[int] = []
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        name_parameters(trainer.optimizers, pl_module.named_parameters)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not _logs_this_step(trainer):
