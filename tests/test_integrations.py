@@ -165,6 +165,7 @@ def test_accelerate_example_on_two_processes():
     import re
     import signal
     import subprocess
+    import tempfile
 
     cmd = [
         sys.executable,
@@ -180,16 +181,23 @@ def test_accelerate_example_on_two_processes():
         # Alone it takes 10-30 s. Seen twice in full-suite runs: both ranks printed their results
         # and torchrun never exited (a hang at gloo teardown). Its own process group is killed
         # after 240 s and the run is repeated once, as for a worker killed by a signal.
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-        )
-        try:
-            out, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out = proc.communicate()[0] + "\n[killed after 240 s]"
-            if attempt == 0:
-                continue
+        # The output goes to a file, not a pipe: a worker that outlives the kill (one that left
+        # the process group) would hold a pipe open and block the read, and with it the rerun.
+        with tempfile.TemporaryFile("w+") as log:
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+            )
+            try:
+                proc.wait(timeout=240)
+                killed = ""
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed = "\n[killed after 240 s]"
+            log.seek(0)
+            out = log.read() + killed
+        if killed and attempt == 0:
+            continue
         # A gloo worker occasionally dies by a signal (SIGABRT at teardown) with plain torch too;
         # rerun once for that and nothing else.
         if proc.returncode != 0 and attempt == 0 and re.search(r"Signal \d+|SIGABRT|SIGSEGV", out):
