@@ -7,9 +7,9 @@ Three tables:
 
 * **Step**: the default wrapper (``ClippedOptimizer(inner)``: ``mode="norm"``, history on,
   ``nonfinite="skip"``) against the loop it replaces, ``clip_grad_norm_(params, 1.0)`` then the
-  same ``inner.step()``; on W1 also ``flat_grads=True``; on GPT-2L also without the history
-  (``history_size=0``) and without the skip decision either (``nonfinite="propagate"``): what the
-  statistics and the step's one host read cost.
+  same ``inner.step()``; on W1 also ``flat_grads=True``; on GPT-2L also without attribution
+  (``top_k=0``), without the history (``history_size=0``) and without the skip decision either
+  (``nonfinite="propagate"``): what each part of the statistics and the step's one host read cost.
 * **Adaptive**: ``mode="zclip"``, ``"autoclip"``, ``"agc"`` and ``skip_spikes=True`` against the
   default wrapper (what choosing the mode costs, per step).
 * **Fixed cost**: the clip alone (an inner optimizer whose ``step`` does nothing), minus the
@@ -151,7 +151,8 @@ def step_specs(workload: str, inner_fn: Callable) -> list[tuple[str, str, Callab
     specs = [(base, base, plain(inner_fn)), ("wrapper (default)", base, wrapped(inner_fn))]
     if workload == "W1":
         specs.append(("wrapper, flat_grads=True", base, wrapped(inner_fn, flat_grads=True)))
-    if workload == "GPT-2L":  # what the statistics and the skip decision cost on a small model
+    if workload == "GPT-2L":  # what attribution, the statistics and the skip decision cost on a small model
+        specs.append(("wrapper, top_k=0", base, wrapped(inner_fn, top_k=0)))
         specs.append(("wrapper, history_size=0", base, wrapped(inner_fn, history_size=0)))
         specs.append(
             (
