@@ -55,7 +55,7 @@ def count(**options: object) -> list[str]:
 
 def time_pairs(n_layers: int, pairs: int = 2000) -> tuple[float, float]:
     """Median microseconds of the clip-only step with top_k=3 and with top_k=0, interleaved."""
-    on, off = clip_only(n_layers), clip_only(n_layers, top_k=0)
+    on, off = clip_only(n_layers, top_k=3), clip_only(n_layers, top_k=0)
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(pairs):
         for opt, out in ((on, times[0]), (off, times[1])):

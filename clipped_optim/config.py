@@ -78,7 +78,7 @@ class ClipConfig:
     foreach: bool | None = None
     history_size: int = 1000  # ring buffer of per-step norms for clipped_optim.diagnostics; 0: none
     #: how many of each step's largest parameter norms the history keeps (attribution); 0: none
-    top_k: int = 3
+    top_k: int = 0
     #: Distributed: the group over which each rank's gradients are slices of the whole
     #: (see clipped_optim.distributed); None for DDP, FSDP2 and single-process training.
     process_group: Any = None

@@ -229,14 +229,23 @@ def state_report(
 
 
 def _attributions(report: ClipReport, top: Tensor, names: Any, shapes: Any) -> list[Attribution]:
-    """The parameters behind the report's outlier, skipped and non-finite steps."""
+    """The parameters behind the report's outlier, skipped and non-finite steps; without
+    attribution recorded (``top_k=0``), a sentence of advice when there are such steps."""
     k = top.shape[1] // 2
-    if k == 0 or not report.steps:
+    if not report.steps:
         return []
     median = report.percentiles.get(50, math.nan)
     limit = OUTLIER_FACTOR * median if median > 0 else math.inf
     spike_bound = report.threshold if report.mode == "zclip" else None
     positions = explained_steps(report.norms, report.coefs, report.thresholds, report.skipped_mask, limit, spike_bound)
+    if k == 0:
+        if positions and report.window >= MIN_STEPS:
+            report.advice.append(
+                f"{len(positions)} outlier, skipped or non-finite steps were recorded without the parameters "
+                "that carried their norm: construct the optimizer with top_k=3 to keep them (two small ops "
+                "a step), and report(model.named_parameters()) names them."
+            )
+        return []
     return attribute(
         report.steps,
         report.norms,

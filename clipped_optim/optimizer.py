@@ -113,8 +113,10 @@ class ClippedOptimizer(Optimizer):
             ``0``: none).
         top_k: how many of each step's largest parameter gradient norms the history keeps
             with their parameters' indices, so that :meth:`report` can name the parameters
-            behind an outlier step (default 3: ``history_size * top_k * 2`` more float32,
-            24 kB at the defaults; ``0``: none). See :mod:`clipped_optim.stats`.
+            behind an outlier step (``3`` is a good choice: ``history_size * top_k * 2`` more
+            float32, 24 kB with the default history; two more small ops a step). Default 0:
+            none, so that the default step stays at the cost of ``clip_grad_norm_`` on small
+            models. See :mod:`clipped_optim.stats`.
         process_group: for manual sharding only (ZeRO-style optimizers, FSDP1, pipeline
             stages): the group over which each rank's gradients are slices of the whole; the
             norm is then reduced over it. DDP and FSDP2/DTensor need nothing; see
@@ -164,7 +166,7 @@ class ClippedOptimizer(Optimizer):
         nonfinite: str = "skip",
         foreach: bool | None = None,
         history_size: int = 1000,
-        top_k: int = 3,
+        top_k: int = 0,
         process_group: Any = None,
         flat_grads: bool = False,
         skip_spikes: bool | ClipPolicy = False,

@@ -176,7 +176,7 @@ def train(
     torch.manual_seed(seed)
     model = TinyLM(vocab_size)
     inner = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)  # torch's default betas
-    opt = inner if clip is None else ClippedOptimizer(inner, history_size=len(batches), **clip)
+    opt = inner if clip is None else ClippedOptimizer(inner, history_size=len(batches), top_k=3, **clip)
     if isinstance(opt, ClippedOptimizer):  # reports and the checkpoint then name the parameters
         opt.name_parameters(model.named_parameters())
     zclip = clip is not None and isinstance(clip.get("mode"), ZClip)

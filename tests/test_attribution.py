@@ -7,6 +7,7 @@ per-parameter and value modes, a GradScaler), through a checkpoint, and without 
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -14,9 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from clipped_optim import ClippedOptimizer, plot_history
+from clipped_optim import ClippedOptimizer as _ClippedOptimizer
+from clipped_optim import plot_history
 from clipped_optim.attribution import Attribution, describe
 from clipped_optim.stats import history_columns, top_row
+
+# Attribution is opt-in (top_k=0 by default, see docs/forensics.md): these tests turn it on,
+# unless a test passes its own top_k.
+ClippedOptimizer = functools.partial(_ClippedOptimizer, top_k=3)
 
 SPIKE_EVERY, FIRST_SPIKE, STEPS = 20, 5, 60
 

@@ -147,7 +147,13 @@ def test_advice_rare_outliers_is_a_safety_net():
     r = opt.report()
     assert r.clipped == 2
     assert "safety-net" in r.advice[0]
-    assert len(r.advice) == 1  # two outliers are not a stream
+    # two outliers are not a stream; recorded without attribution, the report says how to get it
+    assert len(r.advice) == 2 and "2 outlier, skipped or non-finite steps" in r.advice[1]
+    assert "top_k=3" in r.advice[1]
+    p, opt = _opt(max_norm=5.0, top_k=3)
+    _drive(opt, p, norms)
+    r = opt.report()
+    assert len(r.advice) == 1 and [a.steps for a in r.attributions] == [[100, 200]]
 
 
 def test_advice_stream_of_large_norms_points_at_the_data():

@@ -149,7 +149,7 @@ def _ddp_fsdp1_worker(rank: int, world: int) -> None:
 
     # DDP: gradients are averaged before step(), so no collective of ours and the same result.
     model = DDP(_model())
-    opt = ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), max_norm=max_norm)
+    opt = ClippedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), max_norm=max_norm, top_k=3)
     assert opt._reduction is None
     with _count_all_reduce() as calls:
         norms = _train(model, opt, rank, world, STEPS)
@@ -180,7 +180,7 @@ def _ddp_fsdp1_worker(rank: int, world: int) -> None:
     # plain gradients are slices of the world: process_group= makes the norm global.
     model = FSDP(_model(), use_orig_params=True, device_id=torch.device("cpu"))
     opt = ClippedOptimizer(
-        torch.optim.AdamW(model.parameters(), lr=0.05), max_norm=max_norm, process_group=dist.group.WORLD
+        torch.optim.AdamW(model.parameters(), lr=0.05), max_norm=max_norm, process_group=dist.group.WORLD, top_k=3
     )
     norms = _train(model, opt, rank, world, STEPS)
     with FSDP.summon_full_params(model):
