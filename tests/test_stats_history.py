@@ -298,3 +298,25 @@ def test_the_state_functions_keep_no_history_by_default():
     restored = restore_clip_state(opt.state_dict()["state"]["clip"], "norm", cpu)
     assert "history" not in restored and "history_start" not in restored
     assert int(restored["steps"]) == 3
+
+
+def test_stats_record_keeps_the_statistics_a_step_keeps():
+    """``stats.record`` (the state function the benchmarks time) folds a clip's result into a
+    clip state exactly as the wrapper's step does: values, counters and history rows."""
+    from clipped_optim import clip_grad_norm
+    from clipped_optim.stats import new_clip_state, record
+
+    p, opt = _opt(max_norm=2.0, history_size=3)
+    state = new_clip_state("norm", torch.device("cpu"), history_size=3)
+    for values in ((1.0,), (3.0, 4.0), (math.nan,), (0.5,), (8.0,)):
+        _step(p, opt, *values)
+        grad = torch.zeros(p.numel())
+        grad[: len(values)] = torch.tensor(values)
+        result = clip_grad_norm([grad], 2.0)
+        finite = torch.isfinite(result.total_norm)
+        record(state, result, finite, ~finite)
+    clip = opt.state["clip"]
+    assert set(state) == set(clip)
+    for key in ("grad_norm", "clip_coef", "threshold", "param_norms", "history", "history_start", *COUNTERS):
+        torch.testing.assert_close(state[key], clip[key], equal_nan=True, msg=key)
+    assert [int(state[k]) for k in COUNTERS] == [5, 2, 1, 1]
