@@ -320,3 +320,23 @@ def test_stats_record_keeps_the_statistics_a_step_keeps():
     for key in ("grad_norm", "clip_coef", "threshold", "param_norms", "history", "history_start", *COUNTERS):
         torch.testing.assert_close(state[key], clip[key], equal_nan=True, msg=key)
     assert [int(state[k]) for k in COUNTERS] == [5, 2, 1, 1]
+
+
+def test_the_path_torch_compile_traces_records_what_eager_records(monkeypatch):
+    """Under ``torch.compile`` the statistics are written without the eager path's kept
+    buffers (tests/test_compile.py compiles it for real, which is slow); run that path eagerly
+    and check it keeps the same values, counters and history rows, a wrap and a skip included."""
+    steps = ((1.0,), (3.0, 4.0), (math.nan,), (0.5,), (8.0,), (math.inf, 1.0), (2.5,))
+    p, eager = _opt(max_norm=2.0, history_size=3)
+    for values in steps:
+        _step(p, eager, *values)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q, traced = _opt(max_norm=2.0, history_size=3)
+    for values in steps:
+        _step(q, traced, *values)
+    want, got = eager.state["clip"], traced.state["clip"]
+    assert set(got) == set(want)
+    for key in ("grad_norm", "clip_coef", "threshold", "param_norms", "history", "history_start", *COUNTERS):
+        torch.testing.assert_close(got[key], want[key], equal_nan=True, msg=key)
+        assert got[key].dtype == want[key].dtype, key
+    assert [int(got[k]) for k in COUNTERS] == [7, 3, 2, 2]
