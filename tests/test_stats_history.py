@@ -322,21 +322,29 @@ def test_stats_record_keeps_the_statistics_a_step_keeps():
     assert [int(state[k]) for k in COUNTERS] == [5, 2, 1, 1]
 
 
-def test_the_path_torch_compile_traces_records_what_eager_records(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_path_torch_compile_traces_records_what_eager_records(monkeypatch, dtype):
     """Under ``torch.compile`` the statistics are written without the eager path's kept
     buffers (tests/test_compile.py compiles it for real, which is slow); run that path eagerly
-    and check it keeps the same values, counters and history rows, a wrap and a skip included."""
+    and check it keeps the same values, counters and history rows, a wrap and a skip included,
+    for float32 and float64 gradients (the history is float32 either way)."""
     steps = ((1.0,), (3.0, 4.0), (math.nan,), (0.5,), (8.0,), (math.inf, 1.0), (2.5,))
-    p, eager = _opt(max_norm=2.0, history_size=3)
-    for values in steps:
-        _step(p, eager, *values)
+
+    def run():
+        p = nn.Parameter(torch.zeros(4, dtype=dtype))
+        opt = ClippedOptimizer(torch.optim.SGD([p], lr=0.0), max_norm=2.0, history_size=3)
+        for values in steps:
+            p.grad = torch.zeros(4, dtype=dtype)
+            p.grad[: len(values)] = torch.tensor(values, dtype=dtype)
+            opt.step()
+        return opt.state["clip"]
+
+    want = run()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    q, traced = _opt(max_norm=2.0, history_size=3)
-    for values in steps:
-        _step(q, traced, *values)
-    want, got = eager.state["clip"], traced.state["clip"]
+    got = run()
     assert set(got) == set(want)
     for key in ("grad_norm", "clip_coef", "threshold", "param_norms", "history", "history_start", *COUNTERS):
         torch.testing.assert_close(got[key], want[key], equal_nan=True, msg=key)
         assert got[key].dtype == want[key].dtype, key
+    assert got["history"].dtype == torch.float32
     assert [int(got[k]) for k in COUNTERS] == [7, 3, 2, 2]
