@@ -125,6 +125,24 @@ def test_propagate_counts_a_nonfinite_step_that_is_not_skipped():
     assert [int(clip[k]) for k in COUNTERS] == [1, 0, 0, 1]
 
 
+@pytest.mark.parametrize("key", COUNTERS[1:])
+def test_a_counter_a_user_assigns_counts_on_from_its_new_value(key):
+    """Assigning one counter (say, resetting ``clipped_steps`` after a warm-up) while the others
+    are untouched: every counter, the assigned one included, keeps counting from its value."""
+    p, opt = _opt(max_norm=1.0, history_size=0)
+    _step(p, opt, 3.0)  # clipped
+    _step(p, opt, math.nan)  # skipped, non-finite
+    opt.state["clip"][key] = torch.tensor(10, dtype=torch.int32)
+    _step(p, opt, 3.0)  # clipped
+    _step(p, opt, math.inf)  # skipped, non-finite
+    _step(p, opt, 0.5)
+    clip = opt.state["clip"]
+    want = {"steps": 5, "clipped_steps": 2, "skipped_steps": 2, "nonfinite_steps": 2}
+    want[key] = 10 + {"clipped_steps": 1, "skipped_steps": 1, "nonfinite_steps": 1}[key]
+    assert {k: int(clip[k]) for k in COUNTERS} == want
+    assert all(clip[k].dtype == torch.int64 for k in COUNTERS)
+
+
 # -- the history rows -------------------------------------------------------------------------------
 def test_each_step_writes_its_own_history_row():
     p, opt = _opt(max_norm=2.0, history_size=4)
