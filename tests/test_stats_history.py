@@ -125,22 +125,46 @@ def test_propagate_counts_a_nonfinite_step_that_is_not_skipped():
     assert [int(clip[k]) for k in COUNTERS] == [1, 0, 0, 1]
 
 
-@pytest.mark.parametrize("key", COUNTERS[1:])
-def test_a_counter_a_user_assigns_counts_on_from_its_new_value(key):
-    """Assigning one counter (say, resetting ``clipped_steps`` after a warm-up) while the others
-    are untouched: every counter, the assigned one included, keeps counting from its value."""
+def _counter_value(kind):
+    """10 as a user might assign it: an int32 or a float tensor, or another optimizer's counter
+    (a view into that optimizer's own counters, which must not be advanced from here)."""
+    if kind == "int32":
+        return torch.tensor(10, dtype=torch.int32)
+    if kind == "float":
+        return torch.tensor(10.0)
+    p, other = _opt(max_norm=1.0, history_size=0)
+    for _ in range(10):
+        _step(p, other, math.nan)  # every counter but clipped_steps reaches 10
+    other.state["clip"]["clipped_steps"].fill_(10)
+    return other
+
+
+@pytest.mark.parametrize("kind", ["int32", "float", "another optimizer's"])
+@pytest.mark.parametrize("keys", [(k,) for k in COUNTERS[1:]] + [COUNTERS], ids=[*COUNTERS[1:], "all"])
+def test_a_counter_a_user_assigns_counts_on_from_its_new_value(keys, kind):
+    """Assigning counters (say, resetting ``clipped_steps`` after a warm-up) while the others
+    are untouched: every counter, the assigned ones included, keeps counting from its value,
+    as an int64."""
     p, opt = _opt(max_norm=1.0, history_size=0)
     _step(p, opt, 3.0)  # clipped
     _step(p, opt, math.nan)  # skipped, non-finite
-    opt.state["clip"][key] = torch.tensor(10, dtype=torch.int32)
+    other = None
+    for key in keys:
+        value = _counter_value(kind)
+        if isinstance(value, ClippedOptimizer):
+            other, value = value, value.state["clip"][key]
+        opt.state["clip"][key] = value
     _step(p, opt, 3.0)  # clipped
     _step(p, opt, math.inf)  # skipped, non-finite
     _step(p, opt, 0.5)
     clip = opt.state["clip"]
     want = {"steps": 5, "clipped_steps": 2, "skipped_steps": 2, "nonfinite_steps": 2}
-    want[key] = 10 + {"clipped_steps": 1, "skipped_steps": 1, "nonfinite_steps": 1}[key]
+    since = {"steps": 3, "clipped_steps": 1, "skipped_steps": 1, "nonfinite_steps": 1}
+    want.update({k: 10 + since[k] for k in keys})
     assert {k: int(clip[k]) for k in COUNTERS} == want
     assert all(clip[k].dtype == torch.int64 for k in COUNTERS)
+    if other is not None:
+        assert [int(other.state["clip"][k]) for k in COUNTERS] == [10, 10, 10, 10]
 
 
 # -- the history rows -------------------------------------------------------------------------------
