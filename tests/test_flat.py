@@ -199,3 +199,35 @@ def test_norm_and_clip_kernels_do_not_grow_with_the_parameter_count():
 def test_flat_grads_is_validated():
     with pytest.raises(ValueError, match="flat_grads"):
         ClippedOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), flat_grads="yes")
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_flat_value_clipping_clamps_as_the_per_tensor_path_and_torch(nonfinite, dtype):
+    """Value clipping on the flat buffers clamps every element into ``[-clip_value, clip_value]``
+    (a complex one on its real and imaginary parts), whether the bound is decided on the device
+    (the default policy can hold the step) or is the plain number (``nonfinite="propagate"``)."""
+    runs = []
+    for flat in (True, False):
+        params = make_params(dtypes=(dtype,))
+        opt = ClippedOptimizer(
+            torch.optim.SGD(params, lr=0.1), mode="value", clip_value=0.05, nonfinite=nonfinite, flat_grads=flat
+        )
+        g = torch.Generator().manual_seed(0)
+        for i, p in enumerate(params):  # a complex loss has no backward(): gradients as given
+            p.grad = torch.randn(p.shape, generator=g, dtype=dtype) * 0.02 * (i + 1)
+        raw = [p.grad.clone() for p in params]
+        opt.step()
+        runs.append(([p.grad for p in params], raw))
+    (got, raw), (want, _) = runs
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    # torch's clip_grad_value_ (it clips the .grad of what it is given), on the real and
+    # imaginary parts of a complex gradient
+    holders = [torch.zeros_like(torch.view_as_real(r) if r.is_complex() else r) for r in raw]
+    for h, r in zip(holders, raw):
+        h.grad = (torch.view_as_real(r) if r.is_complex() else r).clone()
+    assert any(bool((h.grad.abs() > 0.05).any()) for h in holders)  # something to clamp
+    torch.nn.utils.clip_grad_value_(holders, 0.05)
+    for g, h in zip(got, holders):
+        torch.testing.assert_close(torch.view_as_real(g) if g.is_complex() else g, h.grad, rtol=0, atol=0)
