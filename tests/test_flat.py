@@ -312,3 +312,19 @@ def test_flat_value_clipping_clamps_as_the_per_tensor_path_and_torch(nonfinite, 
     torch.nn.utils.clip_grad_value_(holders, 0.05)
     for g, h in zip(got, holders):
         torch.testing.assert_close(torch.view_as_real(g) if g.is_complex() else g, h.grad, rtol=0, atol=0)
+
+
+def test_equal_sizes_share_one_norm_kernel_in_whatever_order_they_come():
+    """The norm costs one kernel per distinct gradient size, also when the parameters of one
+    size are not next to each other in the optimizer (a transformer's layers interleave them)."""
+    params = [torch.nn.Parameter(torch.randn((50,) if i % 2 else (3, 7))) for i in range(12)]
+    opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.1, foreach=True), max_norm=0.1, flat_grads=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    want = torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
+    opt.step()  # adoption
+    torch.testing.assert_close(opt.state["clip"]["param_norms"], want)
+    with torch.no_grad(), _CountOps() as counter:
+        opt._prepare(None, None, fold=False)
+    assert counter.ops["linalg_vector_norm.default"] == 3  # a block per size + the global norm
+    assert counter.ops["_foreach_norm.Scalar"] == 0
