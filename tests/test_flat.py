@@ -328,3 +328,18 @@ def test_equal_sizes_share_one_norm_kernel_in_whatever_order_they_come():
         opt._prepare(None, None, fold=False)
     assert counter.ops["linalg_vector_norm.default"] == 3  # a block per size + the global norm
     assert counter.ops["_foreach_norm.Scalar"] == 0
+
+
+def test_foreach_false_is_kept_when_a_sparse_gradient_stops_the_flattening():
+    """A sparse gradient sends the step down the per-tensor path; ``foreach=False`` must still
+    pick the per-tensor kernels there (as it does without ``flat_grads``)."""
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    dense = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    opt = ClippedOptimizer(torch.optim.SGD([emb.weight, *dense], lr=0.1), max_norm=0.1, flat_grads=True, foreach=False)
+    opt.zero_grad()
+    (emb(torch.tensor([1, 2])).sum() + sum((p * 5).sum() for p in dense)).backward()
+    with torch.no_grad(), _CountOps() as counter:
+        opt._prepare(None, None, fold=False)
+    assert opt._flat.batch_ is None  # not flattened
+    assert not [op for op in counter.ops if op.startswith("_foreach")]
+    assert counter.ops["linalg_vector_norm.default"] >= 3  # one per gradient, and the total
