@@ -88,7 +88,7 @@ def test_grads_are_views_of_one_buffer_per_dtype_and_zero_grad_keeps_them():
     assert all(p.grad is v for p, v in zip(params, views))  # accumulated in place
 
 
-@pytest.mark.filterwarnings("ignore:Using backward() with create_graph=True")
+@pytest.mark.filterwarnings(r"ignore:Using backward\(\) with create_graph=True")
 @pytest.mark.parametrize("how", ["assign", "model_zero_grad", "create_graph", "add_param_group"])
 def test_replaced_grads_are_readopted_never_silently_dropped(how):
     (flat, a), (ref, b) = pair("AdamW-foreach", max_norm=0.5)
