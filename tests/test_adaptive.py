@@ -606,3 +606,27 @@ def test_flat_grads_equal_plain(kw):
         for p, q in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert torch.equal(flat.state["clip"]["clipped_steps"], plain.state["clip"]["clipped_steps"])
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+def test_an_opted_out_groups_nan_decides_whether_the_clipped_norm_enters_autoclips_history(nonfinite):
+    """NaN in a ``{"clip": False}`` group: by default the step is skipped, and its clipped
+    groups' norm (finite) must not enter AutoClip's history; with ``nonfinite="propagate"`` the
+    step proceeds, and that finite norm does enter it."""
+    body, head = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    inner = torch.optim.SGD([{"params": [body]}, {"params": [head], "clip": False}], lr=0.0)
+    opt = ClippedOptimizer(inner, mode=AutoClip(history_length=4), nonfinite=nonfinite)
+    body.grad, head.grad = torch.tensor([3.0, 4.0, 0.0]), torch.ones(2)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state["clip"].items() if k.startswith("autoclip_") and torch.is_tensor(v)}
+    body.grad, head.grad = torch.tensor([6.0, 8.0, 0.0]), torch.tensor([math.nan, 1.0])
+    opt.step()
+    clip = opt.state["clip"]
+    if nonfinite == "skip":
+        assert int(clip["skipped_steps"]) == 1
+        for key, value in before.items():
+            assert torch.equal(clip[key], value), key
+    else:
+        assert int(clip["skipped_steps"]) == 0
+        assert int(clip["autoclip_count"].sum()) == int(before["autoclip_count"].sum()) + 1
+        assert 10.0 in clip["autoclip_ring"].flatten().tolist()

@@ -126,6 +126,48 @@ def test_propagate_counts_a_nonfinite_step_that_is_not_skipped():
     assert [int(clip[k]) for k in COUNTERS] == [1, 0, 0, 1]
 
 
+def _counter_value(kind):
+    """10 as a user might assign it: an int32 or a float tensor, or another optimizer's counter
+    (a view into that optimizer's own counters, which must not be advanced from here)."""
+    if kind == "int32":
+        return torch.tensor(10, dtype=torch.int32)
+    if kind == "float":
+        return torch.tensor(10.0)
+    p, other = _opt(max_norm=1.0, history_size=0)
+    for _ in range(10):
+        _step(p, other, math.nan)  # every counter but clipped_steps reaches 10
+    other.state["clip"]["clipped_steps"].fill_(10)
+    return other
+
+
+@pytest.mark.parametrize("kind", ["int32", "float", "another optimizer's"])
+@pytest.mark.parametrize("keys", [(k,) for k in COUNTERS[1:]] + [COUNTERS], ids=[*COUNTERS[1:], "all"])
+def test_a_counter_a_user_assigns_counts_on_from_its_new_value(keys, kind):
+    """Assigning counters (say, resetting ``clipped_steps`` after a warm-up) while the others
+    are untouched: every counter, the assigned ones included, keeps counting from its value,
+    as an int64."""
+    p, opt = _opt(max_norm=1.0, history_size=0)
+    _step(p, opt, 3.0)  # clipped
+    _step(p, opt, math.nan)  # skipped, non-finite
+    other = None
+    for key in keys:
+        value = _counter_value(kind)
+        if isinstance(value, ClippedOptimizer):
+            other, value = value, value.state["clip"][key]
+        opt.state["clip"][key] = value
+    _step(p, opt, 3.0)  # clipped
+    _step(p, opt, math.inf)  # skipped, non-finite
+    _step(p, opt, 0.5)
+    clip = opt.state["clip"]
+    want = {"steps": 5, "clipped_steps": 2, "skipped_steps": 2, "nonfinite_steps": 2}
+    since = {"steps": 3, "clipped_steps": 1, "skipped_steps": 1, "nonfinite_steps": 1}
+    want.update({k: 10 + since[k] for k in keys})
+    assert {k: int(clip[k]) for k in COUNTERS} == want
+    assert all(clip[k].dtype == torch.int64 for k in COUNTERS)
+    if other is not None:
+        assert [int(other.state["clip"][k]) for k in COUNTERS] == [10, 10, 10, 10]
+
+
 # -- the history rows -------------------------------------------------------------------------------
 def test_each_step_writes_its_own_history_row():
     p, opt = _opt(max_norm=2.0, history_size=4)
@@ -299,3 +341,53 @@ def test_the_state_functions_keep_no_history_by_default():
     restored = restore_clip_state(opt.state_dict()["state"]["clip"], "norm", cpu)
     assert "history" not in restored and "history_start" not in restored
     assert int(restored["steps"]) == 3
+
+
+def test_stats_record_keeps_the_statistics_a_step_keeps():
+    """``stats.record`` (the state function the benchmarks time) folds a clip's result into a
+    clip state exactly as the wrapper's step does: values, counters and history rows."""
+    from clipped_optim import clip_grad_norm
+    from clipped_optim.stats import new_clip_state, record
+
+    p, opt = _opt(max_norm=2.0, history_size=3)
+    state = new_clip_state("norm", torch.device("cpu"), history_size=3)
+    for values in ((1.0,), (3.0, 4.0), (math.nan,), (0.5,), (8.0,)):
+        _step(p, opt, *values)
+        grad = torch.zeros(p.numel())
+        grad[: len(values)] = torch.tensor(values)
+        result = clip_grad_norm([grad], 2.0)
+        finite = torch.isfinite(result.total_norm)
+        record(state, result, finite, ~finite)
+    clip = opt.state["clip"]
+    assert set(state) == set(clip)
+    for key in ("grad_norm", "clip_coef", "threshold", "param_norms", "history", "history_start", *COUNTERS):
+        torch.testing.assert_close(state[key], clip[key], equal_nan=True, msg=key)
+    assert [int(state[k]) for k in COUNTERS] == [5, 2, 1, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_path_torch_compile_traces_records_what_eager_records(monkeypatch, dtype):
+    """Under ``torch.compile`` the statistics are written without the eager path's kept
+    buffers (tests/test_compile.py compiles it for real, which is slow); run that path eagerly
+    and check it keeps the same values, counters and history rows, a wrap and a skip included,
+    for float32 and float64 gradients (the history is float32 either way)."""
+    steps = ((1.0,), (3.0, 4.0), (math.nan,), (0.5,), (8.0,), (math.inf, 1.0), (2.5,))
+
+    def run():
+        p = nn.Parameter(torch.zeros(4, dtype=dtype))
+        opt = ClippedOptimizer(torch.optim.SGD([p], lr=0.0), max_norm=2.0, history_size=3)
+        for values in steps:
+            p.grad = torch.zeros(4, dtype=dtype)
+            p.grad[: len(values)] = torch.tensor(values, dtype=dtype)
+            opt.step()
+        return opt.state["clip"]
+
+    want = run()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = run()
+    assert set(got) == set(want)
+    for key in ("grad_norm", "clip_coef", "threshold", "param_norms", "history", "history_start", *COUNTERS):
+        torch.testing.assert_close(got[key], want[key], equal_nan=True, msg=key)
+        assert got[key].dtype == want[key].dtype, key
+    assert got["history"].dtype == torch.float32
+    assert [int(got[k]) for k in COUNTERS] == [7, 3, 2, 2]
