@@ -364,7 +364,9 @@ def test_old_checkpoint_loads_and_continues(name):
     saved = torch.load(OLD, weights_only=True)[name]
     model = old.model()
     model.load_state_dict(saved["checkpoint"]["model"])
-    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), history_size=8, top_k=3, **NEW_FORM[name])
+    opt = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), history_size=8, top_k=3, **NEW_FORM[name]
+    )
     opt.load_state_dict(saved["checkpoint"]["optimizer"])
     # 0.1.0 kept 4 columns: the loaded rows are kept, their attribution unknown (index -1)
     loaded = opt.state["clip"]["history"]
