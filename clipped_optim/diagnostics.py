@@ -60,6 +60,16 @@ def _named(named_parameters: Any) -> Iterable[tuple[str, Tensor]]:
     return named_parameters
 
 
+def names_in_order(params: Iterable[Tensor], named_parameters: Any) -> list[str | None]:
+    """The name of each of ``params`` in ``named_parameters`` (``model.named_parameters()`` or a
+    ``{name: parameter}`` map), matched by identity; ``None`` where it has none. A tied
+    parameter keeps its first name."""
+    by_id: dict[int, str] = {}
+    for name, p in _named(named_parameters):
+        by_id.setdefault(id(p), name)
+    return [by_id.get(id(p)) for p in params]
+
+
 def clip_stats(optimizer: Any, named_parameters: Any = None, prefix: str = "clip/") -> dict[str, float]:
     """The clip statistics as a flat ``dict[str, float]``, with one device-to-host copy.
 
@@ -168,12 +178,7 @@ def clip_report(optimizer: Any, window: int | None = None, named_parameters: Any
     """
     state = _clip_state(optimizer)
     params = [p for g in getattr(optimizer, "param_groups", ()) for p in g["params"]]
-    names = state.get("param_names")
-    if named_parameters is not None:
-        by_id: dict[int, str] = {}
-        for name, p in _named(named_parameters):
-            by_id.setdefault(id(p), name)
-        names = [by_id.get(id(p)) for p in params]
+    names = state.get("param_names") if named_parameters is None else names_in_order(params, named_parameters)
     shapes = [tuple(p.shape) for p in params] if params else state.get("param_shapes")
     return state_report(state, window, names, shapes)
 

@@ -553,11 +553,9 @@ class ClippedOptimizer(Optimizer):
         Returns:
             The names in optimizer order.
         """
-        items = named_parameters.items() if isinstance(named_parameters, dict) else named_parameters
-        by_id: dict[int, str] = {}
-        for name, p in items:
-            by_id.setdefault(id(p), name)  # a tied parameter keeps its first name
-        names = [by_id.get(id(p)) for p in self._params()]
+        from .diagnostics import names_in_order
+
+        names = names_in_order(self._params(), named_parameters)
         self._clip_state()["param_names"] = names
         return names
 

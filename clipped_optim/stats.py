@@ -332,7 +332,8 @@ class Recorder:
         skip = skipped.to(history.dtype) if skip is None else skip
         columns = (result.total_norm, result.threshold, result.clip_coef, skip)
         top_k = top_k_of(history)
-        norms = result.param_norms if attribute else result.param_norms[:0]
+        # without attribution (top_k=0, or norms of pieces) no view of the norms is made: a dispatch a step
+        norms = result.param_norms if attribute or not top_k else result.param_norms[:0]
         if counters is None:  # compiled: no kept buffers
             row = torch.cat([torch.stack([c.to(history.dtype) for c in columns]), top_row(norms, top_k)])
             history.index_copy_(0, (state["steps"] % history.shape[0]).view(1), row.view(1, -1))
