@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["index_tensor", "scalar_like", "arange"]
+__all__ = ["index_tensor", "scalar_like", "arange", "flag", "empty"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -56,3 +56,21 @@ def arange(n: int, device: torch.device) -> Tensor:
     if torch.compiler.is_compiling():
         return torch.arange(n, device=device)
     return _arange(n, torch.device(device))
+
+
+def flag(value: bool, device: torch.device) -> Tensor:
+    """A 0-dim bool tensor holding ``value``, made once per ``(value, device)`` (read-only): a
+    decision taken on the host (a CPU step), handed on as a tensor."""
+    return _constant(float(value), torch.bool, torch.device(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _empty(device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.zeros(0, dtype=dtype, device=device)
+
+
+def empty(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """An empty 1-D tensor, made once per ``(device, dtype)`` (it holds nothing to change)."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(0, dtype=dtype, device=device)
+    return _empty(torch.device(device), dtype)

@@ -32,6 +32,7 @@ References:
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -40,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import _checks as check
-from ._tensors import arange, scalar_like
+from ._tensors import arange, flag, scalar_like
 from .modes import EPS, global_norm_coef
 from .norms import GradBatch, tensor_norms
 from .policy import ClipDecision, ClipPolicy, StepNorms, check_like
@@ -71,32 +72,50 @@ def _set(obj: Any, name: str, value: Any) -> None:
 # ---------------------------------------------------------------------------------------
 # AGC
 # ---------------------------------------------------------------------------------------
+#: >= 2-D tensors of up to this many elements are measured together: the rows of those with
+#: the same row length, device and dtype are concatenated and measured by one kernel (a copy of
+#: a small tensor costs less than a kernel launch of its own); larger tensors are measured alone.
+GROUP_NUMEL = 1 << 16
+
+
 class _Units(NamedTuple):
     """Where the units of a list of tensors are: the <= 1-D tensors (one unit each) first,
     then the rows of the >= 2-D ones, in one flat vector of unit norms."""
 
     small: list[int]  # positions of <= 1-D tensors
-    big: list[int]  # positions of >= 2-D tensors
-    rows: list[int]  # rows of each big tensor
+    big: list[int]  # positions of >= 2-D tensors, those measured together adjacent
+    rows: list[int]  # rows of each big tensor, in that order
+    batches: list[int]  # how many tensors of ``big``, in order, each row-norm kernel measures
 
 
 def _units(tensors: list[Tensor]) -> _Units:
     small = [i for i, t in enumerate(tensors) if t.ndim <= 1]
-    big = [i for i, t in enumerate(tensors) if t.ndim > 1]
-    return _Units(small, big, [tensors[i].shape[0] for i in big])
+    together: dict[tuple, list[int]] = {}
+    alone: list[list[int]] = []
+    for i, t in enumerate(tensors):
+        if t.ndim > 1 and t.numel() <= GROUP_NUMEL:
+            together.setdefault((t.device, t.dtype, math.prod(t.shape[1:])), []).append(i)
+        elif t.ndim > 1:
+            alone.append([i])
+    batches = list(together.values()) + alone
+    big = [i for batch in batches for i in batch]
+    return _Units(small, big, [tensors[i].shape[0] for i in big], [len(batch) for batch in batches])
 
 
 def _unit_norms(tensors: Sequence[Tensor], units: _Units, norm_type: float, device) -> Tensor:
     """Norm of each unit, flat (float32 or wider): the whole of each <= 1-D tensor (one foreach
-    launch), then the rows (output units) of each >= 2-D one, whose reduction over all but the
-    first dimension foreach kernels cannot do."""
+    launch), then the rows (output units) of the >= 2-D ones, whose reduction over all but the
+    first dimension foreach kernels cannot do: one kernel per batch of :class:`_Units`."""
     parts: list[Tensor] = []
     if units.small:
         parts.append(
             torch.stack([n.to(device) for n in tensor_norms(GradBatch([tensors[i] for i in units.small]), norm_type)])
         )
-    for i in units.big:
-        t = tensors[i]
+    start = 0
+    for n in units.batches:
+        batch = [tensors[i] for i in units.big[start : start + n]]
+        start += n
+        t = batch[0] if n == 1 else torch.cat([b.flatten(1) for b in batch])
         acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
         parts.append(torch.linalg.vector_norm(t, norm_type, dim=tuple(range(1, t.ndim)), dtype=acc).to(device))
     return torch.cat(parts) if parts else torch.zeros(0, device=device)
@@ -194,7 +213,9 @@ def sorted_ring_push(ring: Tensor, sorted_: Tensor, count: Tensor, value: Tensor
     length = ring.shape[1]
     pos = (count % length).unsqueeze(1)
     evicted = ring.gather(1, pos)
-    new = value.unsqueeze(1).to(ring.dtype)
+    # a norm beyond the history's range (a float64 norm over float32's largest) enters it as
+    # that largest value: an inf in the history would make its quantiles NaN (lerp(inf, inf))
+    new = value.unsqueeze(1).to(ring.dtype).clamp(max=torch.finfo(ring.dtype).max)
     if accept is not None:
         new = torch.where(accept.unsqueeze(1), new, evicted)
     d = torch.searchsorted(sorted_, evicted)  # where the evicted value sits
@@ -229,6 +250,51 @@ def quantile_sorted(sorted_: Tensor, count: Tensor, q: float) -> Tensor:
     hi = torch.where(some, sorted_.gather(1, above.unsqueeze(1)).squeeze(1), 0)
     value = torch.lerp(lo, hi, ranks - below)
     return torch.where(some, value, torch.full_like(value, math.inf))
+
+
+def quantile_sorted_host(row: Tensor, count: int, q: float) -> Tensor:
+    """:func:`quantile_sorted` of one ascending row in host memory (:attr:`StepNorms.host`),
+    0-dim: the rank is computed on the host, rounded to the row's dtype as on the device (an
+    exact product, rounded once), and the two values it falls between are interpolated by the
+    same ``lerp`` kernel."""
+    n = min(count, row.shape[0])
+    if n == 0:
+        return torch.full((), math.inf, dtype=row.dtype, device=row.device)
+    rank = _rounded(_rounded(q, row.dtype) * (n - 1), row.dtype)
+    below = int(rank)
+    if rank == below:
+        return row[below].clone()  # not a view: the recorded threshold must not alias the history
+    # a float weight is lerp's other overload: the same kernel, checked to give the same bits
+    return torch.lerp(row[below], row[below + 1], rank - below)
+
+
+def sorted_ring_push_host(ring: Tensor, sorted_: Tensor, count: int, value: float) -> tuple[Tensor, Tensor]:
+    """:func:`sorted_ring_push` of one row in host memory (:attr:`StepNorms.host`), for a
+    finite ``value``: the evicted slot and the new one are found on the host, and the values
+    between them move by one slice copy. ``ring``, ``sorted_``: 1-D rows; returns new ones."""
+    pos = count % ring.shape[0]
+    evicted = float(ring[pos])
+    new = _rounded(value, ring.dtype)
+    at = torch.searchsorted(sorted_, torch.tensor([evicted, new], dtype=ring.dtype)).tolist()
+    d, i = at[0], at[1] - (evicted < new)  # where the evicted value sits, where the new one goes
+    row = sorted_.clone()
+    if d < i:
+        row[d:i] = sorted_[d + 1 : i + 1]
+    elif i < d:
+        row[i + 1 : d + 1] = sorted_[i:d]
+    row.narrow(0, i, 1).fill_(new)
+    out = ring.clone()
+    out.narrow(0, pos, 1).fill_(new)
+    return out, row
+
+
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` (>= 0) rounded to ``dtype`` (float32 or float64) as a tensor of that dtype
+    holds it, and at most its largest finite value (see :func:`sorted_ring_push`)."""
+    if dtype == torch.float64:
+        return value
+    # native "f" packs as a C cast: to nearest, inf beyond the range (then clamped)
+    return min(struct.unpack("f", struct.pack("f", value))[0], torch.finfo(dtype).max)
 
 
 def _coef(norm: Tensor, threshold: Tensor) -> Tensor:
@@ -291,6 +357,8 @@ class AutoClip(ClipPolicy):
 
     def rule(self, norms: StepNorms, state: Mapping[str, Any]) -> ClipDecision:
         ring, sorted_, count = state["autoclip_ring"], state["autoclip_sorted"], state["autoclip_count"]
+        if not self.per_param and norms.host and ring.dtype in (torch.float32, torch.float64):
+            return self._rule_on_host(norms.total_norm, ring, sorted_, count)
         if not self.per_param:
             threshold = quantile_sorted(sorted_, count, self.quantile)[0]
             ring, sorted_, count = sorted_ring_push(ring, sorted_, count, norms.total_norm.reshape(1))
@@ -319,6 +387,17 @@ class AutoClip(ClipPolicy):
             )
         new = dict(autoclip_ring=ring, autoclip_sorted=sorted_, autoclip_count=count, autoclip_thresholds=thresholds)
         return ClipDecision(coef=_coef(stacked, bounds), threshold=bounds, state=new)
+
+    def _rule_on_host(self, total: Tensor, ring: Tensor, sorted_: Tensor, count: Tensor) -> ClipDecision:
+        """The global :meth:`rule` deciding on the host (:attr:`StepNorms.host`): the same numbers."""
+        seen, norm = int(count), float(total)
+        ring, sorted_ = ring.view(-1), sorted_.view(-1)  # the one row
+        threshold = quantile_sorted_host(sorted_, seen, self.quantile)
+        new = {}
+        if math.isfinite(norm):  # else the step is not accepted, and its state not kept
+            ring, sorted_ = sorted_ring_push_host(ring, sorted_, seen, norm)
+            new = dict(autoclip_ring=ring.view(1, -1), autoclip_sorted=sorted_.view(1, -1), autoclip_count=count + 1)
+        return ClipDecision(coef=_coef(total, threshold), threshold=threshold, state=new)
 
     def check_state(self, state: Mapping[str, Any], n_params: int) -> None:
         # One global history or one per parameter: a checkpoint of the other kind would be read
@@ -418,6 +497,55 @@ def _zclip_clip_value(policy: ZClip, state: ZClipState, g: Tensor) -> tuple[Tens
     return torch.where(spike, threshold, g), spike
 
 
+def zclip_update_host(policy: ZClip, state: ZClipState, g: float) -> tuple[float, bool, ZClipState]:
+    """:func:`zclip_update` for a state in host memory (a CPU step, :attr:`StepNorms.host`),
+    deciding in Python: the same IEEE double arithmetic in the same order (``+ - * /`` are
+    correctly rounded in both, and the square root is torch's), so the same bits, at a few
+    microseconds where the device path dispatches some 40 tensor ops. Only the tensors that
+    change are new."""
+    seen, mean, var = int(state.seen), float(state.mean), float(state.var)
+    std = float(state.var.sqrt())  # torch's sqrt, as on the device (see spike_test_host)
+    warm = seen < policy.warmup_steps
+    cap = math.inf if policy.max_norm is None else policy.max_norm
+    clip_val, spike = _zclip_clip_value_host(policy, mean, std, g)
+    spike = spike and not warm
+    bound = min(clip_val, cap) if spike else cap  # min(nan, cap) is nan, as clamp
+    alpha, beta = policy.alpha, 1 - policy.alpha
+    ema_mean = alpha * mean + beta * clip_val
+    ema_var = alpha * var + beta * (clip_val - ema_mean) * (clip_val - ema_mean)
+    if not (warm or (spike and policy.skip_update_on_spike)):
+        mean, var = ema_mean, ema_var
+    warmup = state.warmup
+    if warm:  # collect; the last warm-up norm initialises the moments, as on the device
+        warmup = warmup.clone()
+        warmup[seen] = g
+        if seen + 1 >= policy.warmup_steps:
+            mean0, var0 = _warmup_moments(warmup)
+            mean, var = float(mean0), float(var0)
+    like = state.mean
+    new = ZClipState(warmup, _host_scalar(seen + 1, state.seen), _host_scalar(mean, like), _host_scalar(var, like))
+    return bound, spike, new
+
+
+def _zclip_clip_value_host(policy: ZClip, mean: float, std: float, g: float) -> tuple[float, bool]:
+    """:func:`_zclip_clip_value` in Python floats (the package's own branches)."""
+    if policy.clip_option == "percentile":
+        threshold = mean + policy.z_thresh * std
+        return (threshold, True) if g > threshold else (g, False)
+    z = (g - mean) / (std + ZCLIP_EPS)
+    if not z > policy.z_thresh:
+        return g, False
+    if policy.clip_option == "mean":
+        return mean, True
+    eta = z / policy.z_thresh  # > 1 here: no division by zero
+    return (mean + (policy.z_thresh * std) / eta) * policy.clip_factor, True
+
+
+def _host_scalar(value: float, like: Tensor) -> Tensor:
+    """A new 0-dim tensor of ``like``'s dtype and device holding ``value`` (rounded as ``.to``)."""
+    return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
 def _warmup_moments(values: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and (biased) variance, each summed left to right as Python's ``sum`` (3.11) does:
     ``cumsum`` accumulates sequentially, a plain ``sum`` would reduce pairwise."""
@@ -483,6 +611,8 @@ class ZClip(ClipPolicy):
         # bit; sharded, the per-parameter norms are of local pieces and only the total is global
         exact = norms.norm_type == 2 and not norms.sharded
         znorm = torch.sqrt(torch.sum(torch.pow(norms.param_norms, 2))) if exact else total
+        if norms.host and old.mean.dtype == torch.float64:
+            return self._rule_on_host(total, old, znorm)
         bound, _spike, new = zclip_update(self, old, znorm)
         g = znorm.to(bound.dtype)
         zcoef = torch.where(g > bound, bound / (g + 1e-6), torch.ones_like(g)).to(total.dtype)
@@ -492,6 +622,20 @@ class ZClip(ClipPolicy):
         coef = torch.where(warm, global_norm_coef(total, cap), zcoef)
         new_state = dict(zclip_warmup=new.warmup, zclip_seen=new.seen, zclip_mean=new.mean, zclip_var=new.var)
         return ClipDecision(coef=coef, threshold=bound, state=new_state)
+
+    def _rule_on_host(self, total: Tensor, old: ZClipState, znorm: Tensor) -> ClipDecision:
+        """:meth:`rule` deciding in Python floats (:attr:`StepNorms.host`): the same numbers."""
+        g = float(znorm)
+        bound, _spike, new = zclip_update_host(self, old, g)
+        seen = int(old.seen)
+        if seen < self.warmup_steps:  # the warm-up: clip_grad_norm_'s float32 formula, as on the device
+            coef = global_norm_coef(total, math.inf if self.max_norm is None else self.max_norm)
+        else:
+            coef = _host_scalar(bound / (g + 1e-6) if g > bound else 1.0, total)
+        new_state = dict(zclip_seen=new.seen, zclip_mean=new.mean, zclip_var=new.var)
+        if new.warmup is not old.warmup:
+            new_state["zclip_warmup"] = new.warmup
+        return ClipDecision(coef=coef, threshold=_host_scalar(bound, total), state=new_state)
 
 
 # ---------------------------------------------------------------------------------------
@@ -509,8 +653,27 @@ def spike_test(window: Tensor, count: Tensor, norm: Tensor, sigma: float, min_co
     mean = window.mul(valid).sum() / nf.clamp(min=1)
     dev = (window - mean).mul_(valid)
     std = (dev.dot(dev) / (nf - 1).clamp(min=1)).sqrt()
-    bound = torch.add(mean, std, alpha=sigma)
+    bound = mean + std * sigma  # two roundings, as in Python (torch.add(alpha=) fuses a multiply-add)
     return (n >= min_count) & (norm.to(window.dtype) > bound), bound
+
+
+def spike_test_host(window: Tensor, count: int, norm: float, sigma: float, min_count: int) -> tuple[bool, float]:
+    """:func:`spike_test` for a window in host memory (:attr:`StepNorms.host`): its two
+    reductions stay tensor ops (the same sums, so the same bits) and the rest is Python; a full
+    window needs no mask (multiplying by 1 changes nothing)."""
+    length = window.shape[0]
+    n = min(count, length)
+    valid = torch.lt(arange(length, window.device), n) if n < length else None
+    total = window.sum() if valid is None else window.mul(valid).sum()
+    mean = float(total) / max(n, 1)
+    dev = window - mean
+    if valid is not None:
+        dev.mul_(valid)
+    # torch's sqrt, not math.sqrt: on a CPU it is not always correctly rounded (1% of doubles
+    # differ in the last bit), and the two paths must give the same bits
+    std = float((dev.dot(dev) / max(n - 1, 1)).sqrt())
+    bound = mean + std * sigma
+    return n >= min_count and norm > bound, bound
 
 
 @dataclass(frozen=True)
@@ -545,15 +708,29 @@ class SpikeSkip(ClipPolicy):
             spike_count=torch.zeros((), dtype=torch.int64, device=device),
         )
 
+    def _min_count(self) -> int:
+        return min(self.window, max(20, self.window // 2))  # as OLMo-core
+
     def rule(self, norms: StepNorms, state: Mapping[str, Any]) -> ClipDecision:
         ring, count = state["spike_ring"], state["spike_count"]
+        if norms.host and ring.dtype == torch.float64:
+            return self._rule_on_host(norms.total_norm, ring, count)
         total = norms.total_norm.to(ring.dtype)
-        min_count = min(self.window, max(20, self.window // 2))  # as OLMo-core
-        spike, bound = spike_test(ring, count, total, self.sigma, min_count)
+        spike, bound = spike_test(ring, count, total, self.sigma, self._min_count())
         value = torch.where(spike, bound, total)
         slot = torch.eq(arange(self.window, ring.device), count % self.window)
         new = dict(spike_ring=torch.where(slot, value, ring), spike_count=count + 1)
         return ClipDecision(threshold=bound, skip=spike, state=new)
+
+    def _rule_on_host(self, total: Tensor, ring: Tensor, count: Tensor) -> ClipDecision:
+        """:meth:`rule` deciding in Python floats (:attr:`StepNorms.host`): the same numbers."""
+        seen, norm = int(count), float(total)
+        spike, bound = spike_test_host(ring, seen, norm, self.sigma, self._min_count())
+        ring = ring.clone()
+        ring.narrow(0, seen % self.window, 1).fill_(bound if spike else norm)
+        new = dict(spike_ring=ring, spike_count=_host_scalar(seen + 1, count))
+        # no threshold: a skip policy's is never read (it is never a mode=)
+        return ClipDecision(skip=flag(spike, ring.device), state=new)
 
 
 #: The built-in policies by the name ``mode=`` (and a checkpoint's ``"mode"``) gives them.

@@ -103,11 +103,16 @@ class StepGate:
             overflow = found.to(finite.device) > 0
             hold = overflow if hold is None else hold | overflow
         if self.spikes and self.config.skip_spikes:
-            blocked = torch.zeros_like(finite) if hold is None else hold
             cfg = self.config
             assert cfg.skip is not None  # skip_spikes is True exactly when it is set
-            enter = total_finite & ~blocked
-            hold = blocked | policy.skip_gate(cfg.skip, cfg.skip_keys, self.clip_state, total, enter, cfg.norm_type)
+            if found is None and self.poison is None:
+                # nothing but the norm itself can hold the step: it enters the window when finite
+                spike = policy.skip_gate(cfg.skip, cfg.skip_keys, self.clip_state, total, finite, cfg.norm_type)
+                hold = spike if hold is None else hold | spike
+            else:
+                blocked = torch.zeros_like(finite) if hold is None else hold
+                enter = total_finite & ~blocked
+                hold = blocked | policy.skip_gate(cfg.skip, cfg.skip_keys, self.clip_state, total, enter, cfg.norm_type)
         self.hold = torch.zeros_like(finite) if hold is None else hold
         if hold is None:
             self.proceeded = finite

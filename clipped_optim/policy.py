@@ -16,8 +16,13 @@ policy, the built-in ones (AGC, AutoClip, ZClip, spike skipping) included:
 * the state lives in ``optimizer.state["clip"]``, so it is checkpointed, checked when a
   checkpoint is loaded (:meth:`ClipPolicy.check_state`), and restored bit-identically.
 
-A rule must not read a tensor's value on the host (``.item()``, ``if tensor``): decide with
-``torch.where``/``clamp``, so a step costs no device-to-host sync and compiles in one graph.
+A rule must not read a tensor's value on the host (``.item()``, ``if tensor``) unless
+:attr:`StepNorms.host` says it may: decide with ``torch.where``/``clamp``, so a step costs no
+device-to-host sync and compiles in one graph. On a CPU the values are in host memory already,
+and a chain of 0-dim tensor ops costs 2-4 us an op (the dispatcher, not the arithmetic) where
+the same arithmetic on Python floats costs nanoseconds: there ``host`` is True, and the built-in
+rules read their scalar state and decide in Python, with the same IEEE double arithmetic, so
+both paths give the same bits (the tests run both).
 """
 
 from __future__ import annotations
@@ -32,12 +37,32 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from ._tensors import index_tensor
+from ._tensors import empty, flag, index_tensor
 from .modes import ClipResult, Gate, _device, _measure, held, open_gate, unscaled
 from .norms import GradBatch, scale_, scale_each_
 from .stats import check_tensor
 
-__all__ = ["ClipPolicy", "StepNorms", "ClipDecision", "run_policy", "skip_gate", "check_policy_state", "state_keys"]
+__all__ = [
+    "ClipPolicy",
+    "StepNorms",
+    "ClipDecision",
+    "run_policy",
+    "skip_gate",
+    "check_policy_state",
+    "state_keys",
+    "on_host",
+]
+
+#: Whether a step on a CPU lets rules decide on the host (:attr:`StepNorms.host`). The tests
+#: turn it off to run, on a CPU, the device path that accelerators take.
+HOST_SCALARS = True
+
+
+def on_host(device: torch.device) -> bool:
+    """Whether a rule may read values on ``device`` on the host: a CPU tensor's value is in host
+    memory (reading it waits on no device queue), unless the step is being compiled (a read
+    would break the graph) or :data:`HOST_SCALARS` is off."""
+    return HOST_SCALARS and device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +87,9 @@ class StepNorms:
         sharded: whether each rank holds only pieces of the gradients (FSDP2, DTensor,
             ``process_group=``); ``param_norms`` and ``grads`` are then local.
         device: where the norms, the decision and the state live.
+        host: whether the rule may read tensor values on the host (``float(t)``, ``if t``) and
+            decide in Python: True on a CPU outside ``torch.compile`` (see :func:`on_host`).
+            False on an accelerator: then only ``torch.where``/``clamp`` (no sync).
     """
 
     total_norm: Tensor
@@ -74,6 +102,7 @@ class StepNorms:
     grad_scale: Tensor | None
     sharded: bool
     device: torch.device
+    host: bool = False
 
     @property
     def complete(self) -> bool:
@@ -221,8 +250,12 @@ def _state(policy: ClipPolicy, keys: Sequence[str], clip_state: dict[str, Any], 
     return state
 
 
-def _commit(policy: ClipPolicy, clip_state: dict[str, Any], state: Mapping[str, Any], new, accept: Tensor) -> None:
-    """Keep the rule's next state where ``accept``, else the old: on the device, no sync."""
+def _commit(
+    policy: ClipPolicy, clip_state: dict[str, Any], state: Mapping[str, Any], new, accept: Tensor, host: bool
+) -> bool | None:
+    """Keep the rule's next state where ``accept``, else the old: on the device, no sync (or,
+    ``host``, read once on the host instead of a ``where`` per key; then returns it)."""
+    keep = bool(accept) if host else None
     for key, value in new.items():
         old = state.get(key)
         if not isinstance(old, Tensor) or not isinstance(value, Tensor):
@@ -232,7 +265,8 @@ def _commit(policy: ClipPolicy, clip_state: dict[str, Any], state: Mapping[str, 
                 f"{policy!r}: rule() returned state {key!r} as a {value.dtype} tensor of shape "
                 f"{tuple(value.shape)}; init_state() made it {old.dtype} of shape {tuple(old.shape)}"
             )
-        clip_state[key] = torch.where(accept, value, old)
+        clip_state[key] = torch.where(accept, value, old) if keep is None else value if keep else old
+    return keep
 
 
 def run_policy(
@@ -265,28 +299,37 @@ def run_policy(
         grad_scale,
         batch.sharding is not None,
         dev,
+        on_host(dev),
     )
     decision = policy.rule(norms, state)
     if decision.coef is None or decision.threshold is None or decision.skip is not None:
         raise ValueError(f"{policy!r}: rule() must return a coef and a threshold (skip only as skip_spikes=)")
-    _commit(policy, clip_state, state, decision.state, accept)
+    _commit(policy, clip_state, state, decision.state, accept, norms.host)
+    if norms.host and hold is not None:
+        # read once on the host (the wrapper reads it anyway): a held step is not multiplied
+        # at all, which is what multiplying by exactly 1 does, and no where() per gradient
+        hold = True if bool(hold) else None
     recorded, threshold = _apply(policy, batch, decision, hold, grad_scale, apply, dev)
     return ClipResult(total, recorded, stacked, threshold.to(total.dtype))
 
 
 def _apply(policy: ClipPolicy, batch: GradBatch, decision: ClipDecision, hold, grad_scale, apply: bool, dev):
     """Multiply the gradients by the decision's coefficient (1 where ``hold``; a scalar one
-    only if ``apply``, else it is folded); return the coefficient and bound to record."""
+    only if ``apply``, else it is folded); return the coefficient and bound to record.
+    ``hold`` is a 0-dim bool tensor, or, read on the host, ``None`` (proceeds) or ``True``."""
     coef, threshold = decision.coef, decision.threshold
     assert coef is not None and threshold is not None  # checked by run_policy
+    scale = hold is not True  # a held step read on the host: nothing to multiply (x * 1 is x)
+    hold = None if hold is True else hold
     if isinstance(coef, Tensor) and coef.ndim == 0:
-        if apply:
+        if apply and scale:
             scale_(batch, unscaled(held(coef, hold), grad_scale, dev))
         recorded = coef
     elif policy.is_scalar():
         raise ValueError(f"{policy!r}: a scalar policy's rule() must return a 0-dim coef")
     elif isinstance(coef, Tensor):  # one per gradient
-        scale_each_(batch, unscaled(held(coef, hold), grad_scale, dev).unbind())
+        if scale:
+            scale_each_(batch, unscaled(held(coef, hold), grad_scale, dev).unbind())
         if not len(batch):
             return torch.ones((), device=dev), torch.full((), math.inf, device=dev)
         # the statistics keep one number: the gradient clipped hardest, its coefficient and bound
@@ -294,7 +337,8 @@ def _apply(policy: ClipPolicy, batch: GradBatch, decision: ClipDecision, hold, g
         recorded = coef[hardest]
         threshold = threshold[hardest] if threshold.ndim else threshold
     else:  # one broadcastable factor per gradient
-        scale_each_(batch, [unscaled(held(c, hold), grad_scale, dev) for c in coef])
+        if scale:
+            scale_each_(batch, [unscaled(held(c, hold), grad_scale, dev) for c in coef])
         recorded = torch.ones((), device=dev)
     if decision.clip_coef is not None:
         recorded = decision.clip_coef
@@ -312,11 +356,15 @@ def skip_gate(
     """
     device = total.device
     state = _state(policy, keys, clip_state, 0, device)
-    norms = StepNorms(total, total.new_zeros(0), [], [], [], 0, norm_type, None, False, device)
+    host = on_host(device)
+    norms = StepNorms(total, empty(device, total.dtype), [], [], [], 0, norm_type, None, False, device, host)
     decision = policy.rule(norms, state)
     if decision.skip is None:
         raise ValueError(f"{policy!r}: as skip_spikes=, rule() must return skip (0-dim bool)")
-    _commit(policy, clip_state, state, decision.state, enter)
+    if host:  # enter read once on the host: the skip as it is, or no skip
+        entered = _commit(policy, clip_state, state, decision.state, enter, host)
+        return decision.skip if entered else flag(False, device)
+    _commit(policy, clip_state, state, decision.state, enter, host)
     return decision.skip & enter
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -103,3 +104,25 @@ def assert_same_state_dict(a, b, path: str = "") -> None:
             assert_same_state_dict(x, y, f"{path}[{i}]")
     else:
         assert a == b or (a != a and b != b), f"{path}: {a!r} vs {b!r}"
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Fail on every Python-level read of a tensor's value (``.item()``, ``if t``, ``float(t)``...).
+
+    On CPU there is no ``cuda.set_sync_debug_mode``; a device-to-host sync from Python must go
+    through one of these methods, so patching them proves the code path never reads a value.
+    """
+    names = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync: a tensor value was read on the host during the step")
+
+    for n in names:
+        setattr(torch.Tensor, n, refuse)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)

@@ -18,9 +18,19 @@ import pytest
 import torch
 from torch import nn
 
-from clipped_optim import AGC, AutoClip, ClippedOptimizer, SpikeSkip, ZClip
-from clipped_optim.adaptive import quantile_sorted, sorted_ring_push
-from helpers import assert_same_state_dict
+from clipped_optim import AGC, AutoClip, ClippedOptimizer, SpikeSkip, ZClip, policy
+from clipped_optim.adaptive import (
+    quantile_sorted,
+    quantile_sorted_host,
+    sorted_ring_push,
+    sorted_ring_push_host,
+    spike_test,
+    spike_test_host,
+)
+from helpers import assert_same_state_dict, no_host_sync
+
+# Every test here runs on both paths of the rules: on the host (a CPU step) and on the device.
+pytestmark = pytest.mark.usefixtures("rule_path")
 
 autoclip_torch = pytest.importorskip("autoclip.torch")
 zclip = pytest.importorskip("zclip")
@@ -194,6 +204,20 @@ def test_autoclip_per_param_missing_gradients():
         assert params_equal(ref, ours)
 
 
+def test_a_float64_norm_beyond_float32_does_not_poison_autoclip():
+    """A float64 model's finite norm above float32's largest enters the (float32) history as
+    that largest value: as an inf, every quantile reaching it was NaN (lerp(inf, inf)), and so
+    was every later coefficient, and the weights."""
+    model = make_model().double()
+    opt = ClippedOptimizer(sgd(model), mode=AutoClip(quantile=1.0, history_length=4))
+    for t, (x, f) in enumerate(data(8, spikes={})):
+        backward(model, x.double(), 1e40 if t == 2 else f)
+        opt.step()
+        assert all(torch.isfinite(p).all() for p in model.parameters()), t
+        if t == 3:  # the bound is the largest norm of the history: that one
+            assert float(opt.state["clip"]["threshold"]) == torch.finfo(torch.float32).max
+
+
 @pytest.mark.parametrize("length", [1, 2, 5, 33])
 def test_sorted_ring_matches_sort_and_quantile(length):
     gen = torch.Generator().manual_seed(length)
@@ -275,6 +299,64 @@ def test_zclip_equals_package(kw):
             spikes += 1
             assert float(st["threshold"]) == pytest.approx(effective.pop()[0], rel=1e-6)
     assert spikes >= 3 and int(opt.state["clip"]["clipped_steps"]) > 0
+
+
+# -- the host path and the device path -----------------------------------------------------------
+PATH_CASES = [dict(mode=ZClip(**kw)) for kw in ZCLIP_CASES] + [
+    dict(mode=AutoClip(history_length=7)),
+    dict(mode=AutoClip(quantile=0.5, history_length=1)),
+    dict(mode=AutoClip(quantile=1.0, history_length=4), nonfinite="propagate"),
+    dict(mode=AutoClip(quantile=0.3, history_length=1000)),
+    dict(mode=AutoClip(per_param=True, history_length=5)),
+    dict(mode="agc"),
+    dict(mode="norm", skip_spikes=SpikeSkip(window=8, sigma=1.5)),
+    dict(mode="norm", skip_spikes=SpikeSkip(window=5, sigma=1.0), nonfinite="propagate"),
+    dict(mode=ZClip(warmup_steps=4), skip_spikes=SpikeSkip(window=6, sigma=2.0)),
+]
+#: step -> loss multiplier: spikes, a NaN and an Inf inside and after every warm-up and window
+PATH_FACTORS = {3: 30.0, 6: math.nan, 9: 0.0, 12: math.inf, 14: 40.0, 27: 8.0, 28: 15.0, 33: math.nan, 41: 100.0}
+
+
+@pytest.mark.parametrize("kw", PATH_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_host_and_device_paths_give_the_same_bits(kw, monkeypatch):
+    """A CPU step decides on the host, an accelerator's with tensor ops only: step by step,
+    with spikes, NaN/Inf and a zero gradient, both give the same parameters and clip state."""
+    models = make_model(), make_model()
+    opts = [ClippedOptimizer(sgd(m), **copy.deepcopy(kw)) for m in models]
+    for x, f in data(50, spikes=PATH_FACTORS):
+        for host, (model, opt) in zip((True, False), zip(models, opts)):
+            monkeypatch.setattr(policy, "HOST_SCALARS", host)
+            backward(model, x, f)
+            opt.step()
+        for p, q in zip(*(m.parameters() for m in models)):  # NaN where "propagate" let it in
+            torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True)
+        assert_same_state_dict(opts[0].state["clip"], opts[1].state["clip"])
+    assert int(opts[0].state["clip"]["nonfinite_steps"]) >= 3  # the NaN and Inf steps were met
+
+
+def test_host_helpers_equal_the_tensor_ones():
+    """The host versions of the sorted ring, its quantile and the spike test, on random
+    histories with ties, partly filled and wrapped: the same bits as the tensor functions."""
+    gen = torch.Generator().manual_seed(3)
+    for length in (1, 2, 5, 64):
+        ring = torch.full((1, length), math.inf)
+        sorted_, count = ring.clone(), torch.zeros(1, dtype=torch.long)
+        window = torch.zeros(length + 3, dtype=torch.float64)
+        for step in range(3 * length + 4):
+            for q in (0.0, 0.1, 0.5, 0.9, 1.0):
+                want = quantile_sorted(sorted_, count, q)[0]
+                assert torch.equal(quantile_sorted_host(sorted_[0], int(count), q), want)
+            value = torch.randint(0, 4, (1,), generator=gen).double() * torch.rand(1, generator=gen)  # with ties
+            if step == length + 1:
+                value.fill_(1e39)  # a float64 norm beyond float32: held as float32's largest, not inf
+            host = sorted_ring_push_host(ring[0], sorted_[0], int(count), float(value))
+            ring, sorted_, count = sorted_ring_push(ring, sorted_, count, value)
+            assert torch.equal(host[0], ring[0]) and torch.equal(host[1], sorted_[0])
+            assert not sorted_[0, : int(count)].isinf().any()  # so every quantile stays a number
+            norm = float(value) * 3
+            spike, bound = spike_test(window, torch.tensor(step), torch.tensor(norm), 1.5, 3)
+            assert spike_test_host(window, step, norm, 1.5, 3) == (bool(spike), float(bound))
+            window[step % window.shape[0]] = float(value)
 
 
 # -- robustness: one NaN gradient ---------------------------------------------------------------
@@ -507,6 +589,27 @@ def test_fused_fold_matches_unfolded(kw):
         for p, q in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert torch.equal(fused.state["clip"]["clipped_steps"], plain.state["clip"]["clipped_steps"])
+
+
+@pytest.mark.parametrize("kw", ADAPTIVE, ids=_ids)
+def test_the_device_path_reads_nothing_on_the_host(kw, rule_path):
+    """An accelerator's step (the device path) decides with tensor ops only, so it never reads a
+    value on the host: with a fused inner optimizer and nothing to skip on the host, no read at
+    all. A CPU step decides on the host, which is a read of host memory there."""
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    opt = ClippedOptimizer(inner, nonfinite="propagate", **kw)
+    for t, (x, f) in enumerate(data(12)):
+        backward(model, x, f)
+        if t < 2:  # the first step creates the inner state: decided on the host by design
+            opt.step()
+        elif rule_path == "device":
+            with no_host_sync():
+                opt.step()
+        else:
+            with pytest.raises(AssertionError, match="host sync"), no_host_sync():
+                opt.step()
+            return
 
 
 def test_non_scalar_adaptive_modes_do_not_fold():

@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from clipped_optim import ClippedOptimizer
+from helpers import no_host_sync
 
 SHAPES = [(6, 5), (5,), (4, 4, 2), (9,)]
 FUSED = {
@@ -39,28 +40,6 @@ def loss_of(params, step: int) -> torch.Tensor:
 def poison(params, step: int, bad_steps) -> None:
     if step in bad_steps:
         params[1].grad[0] = math.inf
-
-
-@contextlib.contextmanager
-def no_host_sync():
-    """Fail on every Python-level read of a tensor's value (``.item()``, ``if t``, ``float(t)``...).
-
-    On CPU there is no ``cuda.set_sync_debug_mode``; a device-to-host sync from Python must go
-    through one of these methods, so patching them proves the code path never reads a value.
-    """
-    names = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("host sync: a tensor value was read on the host during the step")
-
-    for n in names:
-        setattr(torch.Tensor, n, refuse)
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 @pytest.mark.parametrize("name", sorted(FUSED))

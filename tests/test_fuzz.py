@@ -45,7 +45,7 @@ from hypothesis.stateful import (
 )
 from torch import nn
 
-from clipped_optim import AutoClip, ClippedOptimizer, SpikeSkip, ZClip
+from clipped_optim import AutoClip, ClippedOptimizer, SpikeSkip, ZClip, policy
 from helpers import assert_same_state_dict
 from median_policy import MedianClip
 
@@ -119,10 +119,13 @@ class ClipMachine(RuleBasedStateMachine):
         inner=st.sampled_from(sorted(INNER)),
         dtype=st.sampled_from([torch.float64, torch.float32]),
         unclipped=st.booleans(),
+        host=st.booleans(),
     )
-    def setup(self, cfg, inner, dtype, unclipped):
+    def setup(self, cfg, inner, dtype, unclipped, host):
         EXAMPLES["examples"] += 1
         self.cfg, self.inner_name = cfg, inner
+        # the rules decide on the host (a CPU step) or with tensor ops only (an accelerator's path)
+        policy.HOST_SCALARS = host
         torch.manual_seed(0)
         self.model = nn.ParameterList([nn.Parameter(torch.randn(s, dtype=dtype)) for s in SHAPES])
         self.added = N_START
@@ -140,6 +143,9 @@ class ClipMachine(RuleBasedStateMachine):
             self.ref = _build_inner(inner, ref_groups)
             self.ref_sched = torch.optim.lr_scheduler.StepLR(self.ref, step_size=2, gamma=0.5)
         self.loaded_checkpoint = None
+
+    def teardown(self):
+        policy.HOST_SCALARS = True
 
     # -- helpers -------------------------------------------------------------------------
     def models(self):
