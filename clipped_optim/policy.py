@@ -305,11 +305,12 @@ def run_policy(
     if decision.coef is None or decision.threshold is None or decision.skip is not None:
         raise ValueError(f"{policy!r}: rule() must return a coef and a threshold (skip only as skip_spikes=)")
     _commit(policy, clip_state, state, decision.state, accept, norms.host)
+    holds: Tensor | bool | None = hold
     if norms.host and hold is not None:
         # read once on the host (the wrapper reads it anyway): a held step is not multiplied
         # at all, which is what multiplying by exactly 1 does, and no where() per gradient
-        hold = True if bool(hold) else None
-    recorded, threshold = _apply(policy, batch, decision, hold, grad_scale, apply, dev)
+        holds = True if bool(hold) else None
+    recorded, threshold = _apply(policy, batch, decision, holds, grad_scale, apply, dev)
     return ClipResult(total, recorded, stacked, threshold.to(total.dtype))
 
 
