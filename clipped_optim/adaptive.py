@@ -271,20 +271,21 @@ def quantile_sorted_host(row: Tensor, count: int, q: float) -> Tensor:
 def sorted_ring_push_host(ring: Tensor, sorted_: Tensor, count: int, value: float) -> tuple[Tensor, Tensor]:
     """:func:`sorted_ring_push` of one row in host memory (:attr:`StepNorms.host`), for a
     finite ``value``: the evicted slot and the new one are found on the host, and the values
-    between them move by one slice copy. ``ring``, ``sorted_``: 1-D rows; returns new ones."""
-    pos = count % ring.shape[0]
-    evicted = float(ring[pos])
+    between them move by one slice copy. ``ring``, ``sorted_``: ``(1, L)``; returns new ones."""
+    pos = count % ring.shape[1]
     new = _rounded(value, ring.dtype)
-    at = torch.searchsorted(sorted_, torch.tensor([evicted, new], dtype=ring.dtype)).tolist()
-    d, i = at[0], at[1] - (evicted < new)  # where the evicted value sits, where the new one goes
+    d = int(torch.searchsorted(sorted_, ring.narrow(1, pos, 1)))  # where the evicted value sits
+    at = int(torch.searchsorted(sorted_[0], new))
+    # where the new one goes once the evicted is gone: one slot lower when the evicted value was
+    # below it, which is exactly when the new one's slot is past the evicted one's
+    i = at - (at > d)
     row = sorted_.clone()
-    if d < i:
-        row[d:i] = sorted_[d + 1 : i + 1]
-    elif i < d:
-        row[i + 1 : d + 1] = sorted_[i:d]
-    row.narrow(0, i, 1).fill_(new)
+    if d != i:
+        lo, hi = min(d, i), max(d, i)  # the values between shift by one, towards the evicted slot
+        row.narrow(1, lo + (d > i), hi - lo).copy_(sorted_.narrow(1, lo + (d < i), hi - lo))
+    row.narrow(1, i, 1).fill_(new)
     out = ring.clone()
-    out.narrow(0, pos, 1).fill_(new)
+    out.narrow(1, pos, 1).fill_(new)
     return out, row
 
 
@@ -391,12 +392,11 @@ class AutoClip(ClipPolicy):
     def _rule_on_host(self, total: Tensor, ring: Tensor, sorted_: Tensor, count: Tensor) -> ClipDecision:
         """The global :meth:`rule` deciding on the host (:attr:`StepNorms.host`): the same numbers."""
         seen, norm = int(count), float(total)
-        ring, sorted_ = ring.view(-1), sorted_.view(-1)  # the one row
-        threshold = quantile_sorted_host(sorted_, seen, self.quantile)
+        threshold = quantile_sorted_host(sorted_[0], seen, self.quantile)
         new = {}
         if math.isfinite(norm):  # else the step is not accepted, and its state not kept
             ring, sorted_ = sorted_ring_push_host(ring, sorted_, seen, norm)
-            new = dict(autoclip_ring=ring.view(1, -1), autoclip_sorted=sorted_.view(1, -1), autoclip_count=count + 1)
+            new = dict(autoclip_ring=ring, autoclip_sorted=sorted_, autoclip_count=count + 1)
         return ClipDecision(coef=_coef(total, threshold), threshold=threshold, state=new)
 
     def check_state(self, state: Mapping[str, Any], n_params: int) -> None:

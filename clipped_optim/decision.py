@@ -91,28 +91,30 @@ class StepGate:
         if self.reporter is not None:  # under ClipGradScaler: the overflow flag is ours to write
             found = report_found_inf(self.reporter, everything, found)
         self.finite = finite
-        if self.config.nonfinite != "propagate" and found is None and not self.config.skip_spikes:
+        cfg = self.config
+        spikes = self.spikes and cfg.skip_spikes
+        spike = None
+        if spikes and found is None and self.poison is None:
+            # nothing but the norm itself can hold the step: it enters the window when finite
+            spike = self._spike(total, finite)
+            spikes = False  # asked; None if it decided on the host that this is no spike
+        if cfg.nonfinite != "propagate" and found is None and not spikes and spike is None:
             # the common case: the step is held exactly when it is not finite (with opted-out
             # groups, a held step's norm may be finite: it must not enter an adaptive history)
             self.hold = self.nonfinite = ~finite
             self.proceeded = finite
             return self.hold, total_finite if self.poison is None else finite
         # hold is None when nothing can stop the step (propagate, no GradScaler, no spikes)
-        hold = self.nonfinite = None if self.config.nonfinite == "propagate" else ~finite
+        hold = self.nonfinite = None if cfg.nonfinite == "propagate" else ~finite
         if found is not None:  # GradScaler sums it over devices: it can exceed 1
             overflow = found.to(finite.device) > 0
             hold = overflow if hold is None else hold | overflow
-        if self.spikes and self.config.skip_spikes:
-            cfg = self.config
-            assert cfg.skip is not None  # skip_spikes is True exactly when it is set
-            if found is None and self.poison is None:
-                # nothing but the norm itself can hold the step: it enters the window when finite
-                spike = policy.skip_gate(cfg.skip, cfg.skip_keys, self.clip_state, total, finite, cfg.norm_type)
-                hold = spike if hold is None else hold | spike
-            else:
-                blocked = torch.zeros_like(finite) if hold is None else hold
-                enter = total_finite & ~blocked
-                hold = blocked | policy.skip_gate(cfg.skip, cfg.skip_keys, self.clip_state, total, enter, cfg.norm_type)
+        if spike is not None:
+            hold = spike if hold is None else hold | spike
+        elif spikes:
+            blocked = torch.zeros_like(finite) if hold is None else hold
+            spike = self._spike(total, total_finite & ~blocked)
+            hold = blocked if spike is None else blocked | spike
         self.hold = torch.zeros_like(finite) if hold is None else hold
         if hold is None:
             self.proceeded = finite
@@ -121,6 +123,12 @@ class StepGate:
         if self.poison is None:  # then total_finite is finite: accept is finite & ~hold
             self.proceeded = accept
         return hold, accept
+
+    def _spike(self, total: Tensor, enter: Tensor) -> Tensor | None:
+        """Ask the spike detector (see :func:`clipped_optim.policy.skip_gate`)."""
+        cfg = self.config
+        assert cfg.skip is not None  # skip_spikes is True exactly when it is set
+        return policy.skip_gate(cfg.skip, cfg.skip_keys, self.clip_state, total, enter, cfg.norm_type)
 
     def settle(self, total: Tensor) -> None:
         """Decide now if the mode never asked (it had nothing to hold)."""

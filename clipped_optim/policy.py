@@ -37,7 +37,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from ._tensors import empty, flag, index_tensor
+from ._tensors import empty, index_tensor
 from .modes import ClipResult, Gate, _device, _measure, held, open_gate, unscaled
 from .norms import GradBatch, scale_, scale_each_
 from .stats import check_tensor
@@ -348,12 +348,13 @@ def _apply(policy: ClipPolicy, batch: GradBatch, decision: ClipDecision, hold, g
 
 def skip_gate(
     policy: ClipPolicy, keys: Sequence[str], clip_state: dict[str, Any], total: Tensor, enter: Tensor, norm_type: float
-) -> Tensor:
+) -> Tensor | None:
     """Ask ``policy`` (``skip_spikes=``) whether to skip this step, from the total norm alone.
 
     ``enter`` (0-dim bool) is whether nothing else holds the step and its norm is finite: the
     skip is honoured and the policy's next state kept only then (a step the policy skips
-    itself still updates its state, by the policy's own rule).
+    itself still updates its state, by the policy's own rule). Returns whether to skip (0-dim
+    bool), or, deciding on the host (:func:`on_host`), ``None`` when nothing is skipped.
     """
     device = total.device
     state = _state(policy, keys, clip_state, 0, device)
@@ -362,9 +363,9 @@ def skip_gate(
     decision = policy.rule(norms, state)
     if decision.skip is None:
         raise ValueError(f"{policy!r}: as skip_spikes=, rule() must return skip (0-dim bool)")
-    if host:  # enter read once on the host: the skip as it is, or no skip
+    if host:  # enter and the skip read on the host: None when there is nothing to skip
         entered = _commit(policy, clip_state, state, decision.state, enter, host)
-        return decision.skip if entered else flag(False, device)
+        return decision.skip if entered and bool(decision.skip) else None
     _commit(policy, clip_state, state, decision.state, enter, host)
     return decision.skip & enter
 

@@ -349,9 +349,9 @@ def test_host_helpers_equal_the_tensor_ones():
             value = torch.randint(0, 4, (1,), generator=gen).double() * torch.rand(1, generator=gen)  # with ties
             if step == length + 1:
                 value.fill_(1e39)  # a float64 norm beyond float32: held as float32's largest, not inf
-            host = sorted_ring_push_host(ring[0], sorted_[0], int(count), float(value))
+            host = sorted_ring_push_host(ring, sorted_, int(count), float(value))
             ring, sorted_, count = sorted_ring_push(ring, sorted_, count, value)
-            assert torch.equal(host[0], ring[0]) and torch.equal(host[1], sorted_[0])
+            assert torch.equal(host[0], ring) and torch.equal(host[1], sorted_)
             assert not sorted_[0, : int(count)].isinf().any()  # so every quantile stays a number
             norm = float(value) * 3
             spike, bound = spike_test(window, torch.tensor(step), torch.tensor(norm), 1.5, 3)
