@@ -58,10 +58,11 @@ def arange(n: int, device: torch.device) -> Tensor:
     return _arange(n, torch.device(device))
 
 
-def flag(value: bool, device: torch.device) -> Tensor:
-    """A 0-dim bool tensor holding ``value``, made once per ``(value, device)`` (read-only): a
-    decision taken on the host (a CPU step), handed on as a tensor."""
-    return _constant(float(value), torch.bool, torch.device(device))
+def flag(value: bool, device: torch.device, dtype: torch.dtype = torch.bool) -> Tensor:
+    """A 0-dim tensor holding ``value`` (bool, or 1.0/0.0 of ``dtype``), made once per
+    ``(value, device, dtype)`` (read-only): a decision taken on the host (a CPU step), handed on
+    as a tensor."""
+    return _constant(float(value), dtype, torch.device(device))
 
 
 @functools.lru_cache(maxsize=16)

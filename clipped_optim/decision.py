@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import distributed, policy
+from ._tensors import flag
 from .amp_scaler import report_found_inf
 from .config import ClipConfig
 
@@ -101,9 +102,11 @@ class StepGate:
         if cfg.nonfinite != "propagate" and found is None and not spikes and spike is None:
             # the common case: the step is held exactly when it is not finite (with opted-out
             # groups, a held step's norm may be finite: it must not enter an adaptive history)
-            self.hold = self.nonfinite = ~finite
             self.proceeded = finite
-            return self.hold, total_finite if self.poison is None else finite
+            if policy.on_host(finite.device):
+                return self._decided_on_host(finite)
+            self.hold = self.nonfinite = ~finite
+            return self.hold, finite
         # hold is None when nothing can stop the step (propagate, no GradScaler, no spikes)
         hold = self.nonfinite = None if cfg.nonfinite == "propagate" else ~finite
         if found is not None:  # GradScaler sums it over devices: it can exceed 1
@@ -123,6 +126,15 @@ class StepGate:
         if self.poison is None:  # then total_finite is finite: accept is finite & ~hold
             self.proceeded = accept
         return hold, accept
+
+    def _decided_on_host(self, finite: Tensor) -> tuple[Tensor | None, Tensor]:
+        """The common case on a CPU, where reading ``finite`` is a load from memory (and the
+        wrapper reads the decision anyway): the flags are constants, and a step that proceeds
+        hands the mode no ``hold`` at all, so it multiplies by its coefficient with no where()."""
+        held = not bool(finite)
+        self.hold = self.nonfinite = flag(held, finite.device)
+        self._skip = flag(held, finite.device, torch.float32)
+        return (self.hold if held else None), finite
 
     def _spike(self, total: Tensor, enter: Tensor) -> Tensor | None:
         """Ask the spike detector (see :func:`clipped_optim.policy.skip_gate`)."""

@@ -14,3 +14,10 @@ def rule_path(request, monkeypatch):
     the device with ``where``/``clamp`` only (an accelerator's path, run here on the CPU)."""
     monkeypatch.setattr(policy, "HOST_SCALARS", request.param == "host")
     return request.param
+
+
+@pytest.fixture
+def device_path(monkeypatch):
+    """Take the path an accelerator takes, on the CPU: decide with tensor ops only, read nothing
+    on the host (a CPU step reads its decision there, where it costs a load from memory)."""
+    monkeypatch.setattr(policy, "HOST_SCALARS", False)

@@ -14,6 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from clipped_optim import ClippedOptimizer
 from helpers import no_host_sync
 
+# These tests stand in for an accelerator, where a host read is a sync: the device path.
+pytestmark = pytest.mark.usefixtures("device_path")
+
 SHAPES = [(6, 5), (5,), (4, 4, 2), (9,)]
 FUSED = {
     "Adam": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
