@@ -56,6 +56,7 @@ class StepGate:
         "nonfinite",
         "proceeded",
         "_skip",
+        "_held",
     )
 
     def __init__(
@@ -78,6 +79,8 @@ class StepGate:
         self.nonfinite: Tensor | None = None
         self.proceeded: Tensor | None = None
         self._skip: Tensor | None = None
+        #: ``hold`` as a bool, where the gate read it on the host (a CPU step), else None
+        self._held: bool | None = None
 
     def __call__(self, total: Tensor) -> tuple[Tensor | None, Tensor]:
         """``(hold, accept)`` for the pre-clip total norm ``total`` (see ``modes.Gate``)."""
@@ -131,7 +134,7 @@ class StepGate:
         """The common case on a CPU, where reading ``finite`` is a load from memory (and the
         wrapper reads the decision anyway): the flags are constants, and a step that proceeds
         hands the mode no ``hold`` at all, so it multiplies by its coefficient with no where()."""
-        held = not bool(finite)
+        held = self._held = not bool(finite)
         self.hold = self.nonfinite = flag(held, finite.device)
         self._skip = flag(held, finite.device, torch.float32)
         return (self.hold if held else None), finite
@@ -141,6 +144,11 @@ class StepGate:
         cfg = self.config
         assert cfg.skip is not None  # skip_spikes is True exactly when it is set
         return policy.skip_gate(cfg.skip, cfg.skip_keys, self.clip_state, total, enter, cfg.norm_type)
+
+    def held(self) -> bool:
+        """Whether the step is held, read on the host (once: the gate may have read it)."""
+        assert self.hold is not None, "the gate was not asked"
+        return self._held if self._held is not None else bool(self.hold)
 
     def settle(self, total: Tensor) -> None:
         """Decide now if the mode never asked (it had nothing to hold)."""
@@ -163,5 +171,5 @@ class StepGate:
     def mark_nonfinite(self) -> None:
         """A closure's re-evaluation produced NaN/Inf: the step is skipped after all."""
         finite, hold, _ = self.decided()
-        self.finite, self.hold, self._skip = torch.zeros_like(finite), torch.ones_like(hold), None
+        self.finite, self.hold, self._skip, self._held = torch.zeros_like(finite), torch.ones_like(hold), None, True
         self.nonfinite, self.proceeded = self.hold, self.finite

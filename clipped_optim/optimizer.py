@@ -351,9 +351,9 @@ class ClippedOptimizer(Optimizer):
                 self._raise_nonfinite()
             return skip
         if fused:
-            return self._creates_state() and bool(pending.gate.hold)
+            return self._creates_state() and pending.gate.held()
         needs_host = self.config.nonfinite != "propagate" or found_inf is not None or self.config.skip is not None
-        return needs_host and bool(pending.gate.hold)
+        return needs_host and pending.gate.held()
 
     def _creates_state(self) -> bool:
         """Whether a parameter with a gradient has no inner state yet (first step, new group)."""
@@ -413,7 +413,7 @@ class ClippedOptimizer(Optimizer):
                 scratch = dict(self._clip_state())
                 gate = StepGate(self.config, scratch, spikes=False)
                 self._clip(None, False, scratch, gate)
-            if self.config.nonfinite != "propagate" and bool(gate.hold):
+            if self.config.nonfinite != "propagate" and gate.held():
                 raise _NonFiniteEvaluation
             return again
 
