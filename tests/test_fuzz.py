@@ -262,7 +262,11 @@ class ClipMachine(RuleBasedStateMachine):
         self.counts["skipped_steps"] += outcome == "skip"
         self.counts["nonfinite_steps"] += not finite
         if self.cfg["mode"] == "norm" and outcome == "step" and finite:  # total is finite here
-            self.counts["clipped_steps"] += bool(self.cfg["max_norm"] / (float(total) + 1e-6) < 1)
+            # clipped: the coefficient clip_grad_norm_ multiplies by is below 1, in the norm's
+            # dtype (in Python's doubles a norm at the bound, re-clipped without a new backward,
+            # gives 0.99999997 where float32 gives exactly 1: the gradients do not change)
+            coef = torch.clamp(self.cfg["max_norm"] / (total + 1e-6), max=1.0)
+            self.counts["clipped_steps"] += bool(coef < 1)
 
     def do_step(self, closure_seed=None, inner_raises=False):
         EXAMPLES["steps"] += 1
