@@ -236,6 +236,11 @@ def quantile_sorted(sorted_: Tensor, count: Tensor, q: float) -> Tensor:
     return torch.where(some, value, torch.full_like(value, math.inf))
 
 
+#: The dtypes whose arithmetic the host paths reproduce exactly (Python floats are doubles;
+#: float32 is one rounding of the double result away).
+_HOST_DTYPES = (torch.float32, torch.float64)
+
+
 def quantile_sorted_host(row: Tensor, count: int, q: float) -> Tensor:
     """:func:`quantile_sorted` of one ascending row in host memory (:attr:`StepNorms.host`),
     0-dim: the rank is computed on the host, rounded to the row's dtype as on the device (an
@@ -276,10 +281,25 @@ def sorted_ring_push_host(ring: Tensor, sorted_: Tensor, count: int, value: floa
 def _rounded(value: float, dtype: torch.dtype) -> float:
     """``value`` (>= 0) rounded to ``dtype`` (float32 or float64) as a tensor of that dtype
     holds it, and at most its largest finite value (see :func:`sorted_ring_push`)."""
-    if dtype == torch.float64:
-        return value
     # native "f" packs as a C cast: to nearest, inf beyond the range (then clamped)
-    return min(struct.unpack("f", struct.pack("f", value))[0], torch.finfo(dtype).max)
+    return min(_round(value, dtype), torch.finfo(dtype).max)
+
+
+def _coef_host(total: Tensor, norm: float, threshold: Tensor) -> Tensor:
+    """:func:`_coef` of ``total`` (whose value is ``norm``) computed on the host
+    (:attr:`StepNorms.host`): each of its four ops rounded to its dtype as the tensor op rounds
+    it (``+ * /`` are correctly rounded, so rounding the double result once gives the float32
+    one), then made a tensor once."""
+    dtype, own = torch.promote_types(total.dtype, threshold.dtype), total.dtype
+    x = _round(_round(norm, own) + _round(EPS, own), own)
+    c = _round(_round(1.0 / x, own) * float(threshold), dtype)
+    return torch.full((), c if not c > 1.0 else 1.0, dtype=dtype, device=total.device)
+
+
+def _round(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to float32 as a float32 tensor holds it (``inf`` past its range), or
+    unchanged for float64."""
+    return value if dtype == torch.float64 else struct.unpack("f", struct.pack("f", value))[0]
 
 
 def _coef(norm: Tensor, threshold: Tensor) -> Tensor:
@@ -342,7 +362,7 @@ class AutoClip(ClipPolicy):
 
     def rule(self, norms: StepNorms, state: Mapping[str, Any]) -> ClipDecision:
         ring, sorted_, count = state["autoclip_ring"], state["autoclip_sorted"], state["autoclip_count"]
-        if not self.per_param and norms.host and ring.dtype in (torch.float32, torch.float64):
+        if not self.per_param and norms.host and ring.dtype in _HOST_DTYPES:
             return self._rule_on_host(norms.total_norm, ring, sorted_, count)
         if not self.per_param:
             threshold = quantile_sorted(sorted_, count, self.quantile)[0]
@@ -381,7 +401,9 @@ class AutoClip(ClipPolicy):
         if math.isfinite(norm):  # else the step is not accepted, and its state not kept
             ring, sorted_ = sorted_ring_push_host(ring, sorted_, seen, norm)
             new = dict(autoclip_ring=ring, autoclip_sorted=sorted_, autoclip_count=count + 1)
-        return ClipDecision(coef=_coef(total, threshold), threshold=threshold, state=new)
+        exact = total.dtype in _HOST_DTYPES and threshold.dtype in _HOST_DTYPES
+        coef = _coef_host(total, norm, threshold) if exact else _coef(total, threshold)
+        return ClipDecision(coef=coef, threshold=threshold, state=new)
 
     def check_state(self, state: Mapping[str, Any], n_params: int) -> None:
         # One global history or one per parameter: a checkpoint of the other kind would be read
