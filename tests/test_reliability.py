@@ -299,6 +299,38 @@ def test_lbfgs_nan_evaluation_under_raise_leaves_the_optimizer_as_it_was():
     assert_same_state_dict(run.opt.state_dict(), ref.opt.state_dict())
 
 
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+def test_lbfgs_closure_that_raises_in_the_line_search(nonfinite):
+    # "skip" undoes the step from a copy taken before it; "propagate" takes no copy and leaves
+    # the parameters where LBFGS had moved them, as plain torch (clipping in its closure) does.
+    def run(wrap: bool):
+        model, x, y = _lbfgs_problem()
+        inner = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+        opt = ClippedOptimizer(inner, max_norm=1.0, nonfinite=nonfinite) if wrap else inner
+        evals = [0]
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            evals[0] += 1
+            if evals[0] == 3:  # LBFGS's third call, with or without the wrapper
+                raise RuntimeError("data loader failed")
+            if not wrap:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            return loss
+
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(RuntimeError, match="data loader failed"):
+            opt.step(closure)
+        return list(model.parameters()), before
+
+    (got, before), (torch_got, _) = run(wrap=True), run(wrap=False)
+    want = before if nonfinite == "skip" else torch_got
+    assert all(torch.equal(p, q) for p, q in zip(got, want))
+    assert not all(torch.equal(p, q) for p, q in zip(torch_got, before))  # LBFGS had moved them
+
+
 def test_lbfgs_adaptive_state_advances_once_per_step():
     model, x, y = _lbfgs_problem()
     opt = ClippedOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), mode=ZClip(warmup_steps=3))
