@@ -136,3 +136,24 @@ def test_a_sharded_wrapper_refuses_what_would_differ_across_ranks(group_of_one):
     # torch's GradScaler found its inf on this rank alone: the ranks' scales would drift apart
     with pytest.raises(ValueError, match=r"overflow flag of a torch\.amp\.GradScaler is this rank's own"):
         scaler.step(opt)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+def test_a_sharded_wrapper_over_one_process_counts_an_opted_out_nan_as_unsharded(group_of_one, nonfinite):
+    # Sharded, the finiteness of a "clip": False group rides on the mode's all-reduce instead
+    # of being added to the norm here: the same decision, gradients and counters either way.
+    def run(**kwargs):
+        torch.manual_seed(0)
+        clipped, opted_out = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
+        groups = [{"params": [clipped]}, {"params": [opted_out], "clip": False}]
+        opt = ClippedOptimizer(torch.optim.SGD(groups, lr=0.1), max_norm=0.5, nonfinite=nonfinite, **kwargs)
+        for bad in (1.0, math.nan):
+            clipped.grad, opted_out.grad = torch.full((3,), 2.0), torch.tensor([bad, 1.0])
+            opt.step()
+        return clipped, opt.state["clip"]
+
+    (p, sharded), (q, plain) = run(process_group=group_of_one), run()
+    assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+    for key in ("steps", "clipped_steps", "skipped_steps", "nonfinite_steps", "grad_norm", "clip_coef"):
+        torch.testing.assert_close(sharded[key], plain[key], rtol=0, atol=0, equal_nan=True)
+    assert int(plain["nonfinite_steps"]) == 1 and math.isnan(float(plain["grad_norm"]))
