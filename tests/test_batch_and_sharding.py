@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from clipped_optim import ClippedOptimizer, clip_grad_norm, clip_grad_value
+from clipped_optim import ClipGradScaler, ClippedOptimizer, clip_grad_norm, clip_grad_value
 from clipped_optim.distributed import Sharding
 from clipped_optim.norms import GradBatch, tensor_norms, total_norm
 from clipped_optim.stats import history_columns
@@ -157,3 +157,22 @@ def test_a_sharded_wrapper_over_one_process_counts_an_opted_out_nan_as_unsharded
     for key in ("steps", "clipped_steps", "skipped_steps", "nonfinite_steps", "grad_norm", "clip_coef"):
         torch.testing.assert_close(sharded[key], plain[key], rtol=0, atol=0, equal_nan=True)
     assert int(plain["nonfinite_steps"]) == 1 and math.isnan(float(plain["grad_norm"]))
+
+
+def test_a_sharded_wrapper_over_one_process_unscales_an_opted_out_group_as_unsharded(group_of_one):
+    # Under ClipGradScaler the gradients of a "clip": False group are unscaled, not clipped,
+    # sharded or not: their update is the same.
+    def run(**kwargs):
+        torch.manual_seed(0)
+        clipped, opted_out = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
+        groups = [{"params": [clipped]}, {"params": [opted_out], "clip": False}]
+        opt = ClippedOptimizer(torch.optim.SGD(groups, lr=0.1), max_norm=0.5, **kwargs)
+        scaler = ClipGradScaler("cpu", init_scale=2.0**8)
+        scaler.scale((clipped * 3).sum() + (opted_out * 2).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        return clipped, opted_out
+
+    (a, b), (c, d) = run(process_group=group_of_one), run()
+    assert torch.equal(a, c) and torch.equal(b, d)
+    assert torch.equal(b.grad, torch.full((2,), 2.0))  # unscaled, not clipped

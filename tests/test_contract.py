@@ -116,6 +116,19 @@ def test_zero_grad_and_add_param_group():
     assert all(torch.count_nonzero(p.grad) == 0 for p in model[0].parameters())
 
 
+def test_step_returns_what_the_inner_step_returns():
+    # torch's optimizers return the closure's loss (None without one); others may return more.
+    class Reporting(torch.optim.SGD):
+        def step(self, closure=None):
+            super().step(closure)
+            return "inner result"
+
+    model = _model()
+    opt = ClippedOptimizer(Reporting(model.parameters(), lr=0.1))
+    _backward(model, 0)
+    assert opt.step() == "inner result"
+
+
 def test_step_hooks_run_around_the_clipped_step():
     model = _model()
     opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1e-3)
