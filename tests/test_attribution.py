@@ -146,7 +146,9 @@ def test_without_names_parameters_are_given_by_index_and_shape():
     _train(opt, model, spike=["2.weight"])
     assert opt.report().attributions[0].labels[0] == "param #1 (6x12)"
     assert opt.report(30).window == 30  # an int first is still the window
-    with pytest.raises(TypeError, match="window given twice"):
+    with pytest.raises(
+        TypeError, match=r"^ClippedOptimizer\.report: window given twice \(positionally and by keyword\)$"
+    ):
         opt.report(30, window=30)
 
 

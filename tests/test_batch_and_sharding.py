@@ -1,6 +1,7 @@
 """The kernels' inputs a user of the functional API builds: a ``GradBatch`` carrying the
 parameters beside the gradients (AGC, per-parameter AutoClip), and the clip functions given a
-``Sharding`` over a process group of one, where the global norm is this process's own."""
+``Sharding`` over a process group of one, where the global norm is this process's own; and the
+wrapper given ``process_group=`` over that group."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from clipped_optim import clip_grad_norm, clip_grad_value
+from clipped_optim import ClipGradScaler, ClippedOptimizer, clip_grad_norm, clip_grad_value
 from clipped_optim.distributed import Sharding
 from clipped_optim.norms import GradBatch, tensor_norms, total_norm
+from clipped_optim.stats import history_columns
 
 NORM_TYPES = [1.0, 2.0, math.inf]
 
@@ -93,3 +96,83 @@ def test_a_sharded_total_with_no_pieces_here_is_zero(group_of_one):
     batch = GradBatch([], sharding=Sharding(group_of_one, [], []))
     total, stacked = total_norm([], 2.0, torch.device("cpu"), batch.sharding)
     assert float(total) == 0.0 and stacked.shape == (0,)
+
+
+def _wrapped(**kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, ClippedOptimizer(inner, max_norm=0.5, top_k=2, **kwargs)
+
+
+def _loss(model, step: int) -> torch.Tensor:
+    return model(torch.randn(8, 4, generator=torch.Generator().manual_seed(step))).pow(2).sum()
+
+
+def test_a_wrapper_sharded_over_one_process_steps_as_an_unsharded_one(group_of_one):
+    # Over one process the reduced norm is the local one: the same updates and statistics. Only
+    # the attribution is left out (-1), as on many ranks, where param_norms are of pieces.
+    (a, sharded), (b, plain) = _wrapped(process_group=group_of_one), _wrapped()
+    for step in range(3):
+        for model, opt in ((a, sharded), (b, plain)):
+            opt.zero_grad()
+            _loss(model, step).backward()
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    columns = history_columns(2)
+    top_index = [i for i, c in enumerate(columns) if c.startswith("top_index")]
+    mine, theirs = sharded.state["clip"]["history"][:3], plain.state["clip"]["history"][:3]
+    assert torch.equal(mine[:, :4], theirs[:, :4])
+    assert bool((mine[:, top_index] == -1).all()) and bool((theirs[:, top_index] >= 0).all())
+
+
+def test_a_sharded_wrapper_refuses_what_would_differ_across_ranks(group_of_one):
+    with pytest.raises(ValueError, match="flat_grads=True is not supported with sharded gradients"):
+        _wrapped(process_group=group_of_one, flat_grads=True)
+    model, opt = _wrapped(process_group=group_of_one)
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})  # still sharded after a new group
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(_loss(model, 0)).backward()
+    # torch's GradScaler found its inf on this rank alone: the ranks' scales would drift apart
+    with pytest.raises(ValueError, match=r"overflow flag of a torch\.amp\.GradScaler is this rank's own"):
+        scaler.step(opt)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+def test_a_sharded_wrapper_over_one_process_counts_an_opted_out_nan_as_unsharded(group_of_one, nonfinite):
+    # Sharded, the finiteness of a "clip": False group rides on the mode's all-reduce instead
+    # of being added to the norm here: the same decision, gradients and counters either way.
+    def run(**kwargs):
+        torch.manual_seed(0)
+        clipped, opted_out = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
+        groups = [{"params": [clipped]}, {"params": [opted_out], "clip": False}]
+        opt = ClippedOptimizer(torch.optim.SGD(groups, lr=0.1), max_norm=0.5, nonfinite=nonfinite, **kwargs)
+        for bad in (1.0, math.nan):
+            clipped.grad, opted_out.grad = torch.full((3,), 2.0), torch.tensor([bad, 1.0])
+            opt.step()
+        return clipped, opt.state["clip"]
+
+    (p, sharded), (q, plain) = run(process_group=group_of_one), run()
+    assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+    for key in ("steps", "clipped_steps", "skipped_steps", "nonfinite_steps", "grad_norm", "clip_coef"):
+        torch.testing.assert_close(sharded[key], plain[key], rtol=0, atol=0, equal_nan=True)
+    assert int(plain["nonfinite_steps"]) == 1 and math.isnan(float(plain["grad_norm"]))
+
+
+def test_a_sharded_wrapper_over_one_process_unscales_an_opted_out_group_as_unsharded(group_of_one):
+    # Under ClipGradScaler the gradients of a "clip": False group are unscaled, not clipped,
+    # sharded or not: their update is the same.
+    def run(**kwargs):
+        torch.manual_seed(0)
+        clipped, opted_out = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
+        groups = [{"params": [clipped]}, {"params": [opted_out], "clip": False}]
+        opt = ClippedOptimizer(torch.optim.SGD(groups, lr=0.1), max_norm=0.5, **kwargs)
+        scaler = ClipGradScaler("cpu", init_scale=2.0**8)
+        scaler.scale((clipped * 3).sum() + (opted_out * 2).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        return clipped, opted_out
+
+    (a, b), (c, d) = run(process_group=group_of_one), run()
+    assert torch.equal(a, c) and torch.equal(b, d)
+    assert torch.equal(b.grad, torch.full((2,), 2.0))  # unscaled, not clipped

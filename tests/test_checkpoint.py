@@ -87,3 +87,43 @@ def test_checkpoint_written_before_a_failure_loads():
     opt2.load_state_dict(ckpt["opt"])
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)  # the failed step changed nothing
+
+
+def _checkpoint(top_k: int = 1):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 2))
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), history_size=8, top_k=top_k)
+    model(torch.randn(4, 5)).sum().backward()
+    opt.step()
+    opt.name_parameters(model.named_parameters())
+    return model, opt.state_dict()
+
+
+@pytest.mark.parametrize(
+    "key,value,pattern",
+    [
+        ("history", torch.zeros(8, 5), r"invalid 'history'.*shape \('\*', 4 \+ 2 \* top_k\), got .* shape \(8, 5\)"),
+        ("history", torch.zeros(8, 2), r"invalid 'history'.*got .* shape \(8, 2\)"),
+        ("param_names", "0.weight", r"invalid 'param_names': expected a list of str \(or None\), got str"),
+        ("param_names", ["0.weight", 3], r"invalid 'param_names': expected a list of str \(or None\), got list"),
+    ],
+    ids=["history-odd-width", "history-too-narrow", "names-a-string", "names-not-strings"],
+)
+def test_a_checkpoint_with_a_malformed_record_is_refused_before_anything_changes(key, value, pattern):
+    model, sd = _checkpoint()
+    sd["state"]["clip"][key] = value
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), history_size=8, top_k=1)
+    with pytest.raises(ValueError, match=r"^ClippedOptimizer: the checkpoint's clip state has an " + pattern):
+        opt.load_state_dict(sd)
+    assert int(opt.state["clip"]["steps"]) == 0
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 3])
+def test_a_checkpoint_of_any_top_k_loads_with_names_some_unknown(top_k):
+    # Attribution widths are free to differ between save and load; an unnamed parameter is None.
+    model, sd = _checkpoint(top_k)
+    sd["state"]["clip"]["param_names"][1] = None
+    opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), history_size=8, top_k=1)
+    opt.load_state_dict(sd)
+    assert opt.state["clip"]["param_names"][:2] == ["0.weight", None]
+    assert opt.state["clip"]["history"].shape == (8, 6) and int(opt.state["clip"]["steps"]) == 1

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as S
 
-from clipped_optim import ClippedOptimizer
+from clipped_optim import ClippedOptimizer, SpikeSkip, ZClip
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -116,6 +116,19 @@ def test_zero_grad_and_add_param_group():
     assert all(torch.count_nonzero(p.grad) == 0 for p in model[0].parameters())
 
 
+def test_step_returns_what_the_inner_step_returns():
+    # torch's optimizers return the closure's loss (None without one); others may return more.
+    class Reporting(torch.optim.SGD):
+        def step(self, closure=None):
+            super().step(closure)
+            return "inner result"
+
+    model = _model()
+    opt = ClippedOptimizer(Reporting(model.parameters(), lr=0.1))
+    _backward(model, 0)
+    assert opt.step() == "inner result"
+
+
 def test_step_hooks_run_around_the_clipped_step():
     model = _model()
     opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1e-3)
@@ -154,6 +167,69 @@ def test_repr_pickle_deepcopy():
         assert isinstance(clone, ClippedOptimizer) and clone.config == opt.config
         assert int(clone.state["clip"]["steps"]) == 1
         assert clone.state is clone.optimizer.state and clone.state is not opt.state
+
+
+@pytest.mark.parametrize(
+    "kwargs,first_line",
+    [
+        (dict(mode="value", clip_value=0.25), "mode='value', clip_value=0.25, norm_type=2.0, nonfinite='skip',"),
+        (
+            dict(mode="per_param", max_norm=2, nonfinite="raise"),
+            "mode='per_param', max_norm=2.0, norm_type=2.0, nonfinite='raise',",
+        ),
+        (
+            dict(mode=ZClip(z_thresh=3.0), skip_spikes=True),
+            f"mode={ZClip(z_thresh=3.0)!r}, norm_type=2.0, nonfinite='skip', skip_spikes={SpikeSkip()!r},",
+        ),
+    ],
+    ids=["value", "per_param", "policy_and_spikes"],
+)
+def test_repr_shows_the_options_in_force_then_the_inner_optimizer(kwargs, first_line):
+    # Only the bound the mode uses is shown (a policy has its own), so a printed optimizer
+    # never suggests a max_norm that does nothing; the inner repr follows, indented.
+    inner = torch.optim.SGD(_model().parameters(), lr=0.1)
+    lines = repr(ClippedOptimizer(inner, **kwargs)).splitlines()
+    assert lines[0] == f"ClippedOptimizer({first_line}"
+    assert lines[1:-1] == ["    " + line for line in repr(inner).splitlines()]
+    assert lines[-1] == ")"
+
+
+def _pickled(opt):
+    return pickle.loads(pickle.dumps(opt))
+
+
+@pytest.mark.parametrize("clone", [_pickled, copy.deepcopy], ids=["pickle", "deepcopy"])
+@pytest.mark.parametrize("flat_grads", [False, True])
+def test_a_copied_optimizer_steps_on_as_the_original_does(clone, flat_grads):
+    # A copy taken mid-training (pickled with its model, or deep-copied) is a working
+    # optimizer: it clips, records and keeps flat_grads' buffers as the original does.
+    model = _model()
+    opt = ClippedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), max_norm=0.5, flat_grads=flat_grads
+    )
+    _backward(model, 0)
+    opt.step()
+    copied = clone(opt)
+    pre = []
+    copied.register_step_pre_hook(lambda o, a, k: pre.append(o))
+    for o in (opt, copied):
+        params = [p for g in o.param_groups for p in g["params"]]
+        o.zero_grad()
+        for i, p in enumerate(params):  # the same gradients for both: the copy has no model
+            if p.grad is None:
+                p.grad = p.detach() * (i + 3)
+            else:  # flat_grads: backward would accumulate into the zeroed view
+                p.grad.add_(p.detach() * (i + 3))
+        o.step()
+        o.zero_grad()
+    assert pre == [copied]
+    mine = [p for g in opt.param_groups for p in g["params"]]
+    theirs = [p for g in copied.param_groups for p in g["params"]]
+    assert all(torch.equal(p, q) for p, q in zip(mine, theirs))
+    for key in ("steps", "clipped_steps", "grad_norm", "clip_coef"):
+        assert torch.equal(copied.state["clip"][key], opt.state["clip"][key])
+    # flat_grads: zero_grad() zeroes the buffer's views and keeps them, as on the original
+    assert all((p.grad is None) != flat_grads for p in theirs)
 
 
 def test_deepcopy_after_scheduler_attached():

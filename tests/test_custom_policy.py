@@ -344,6 +344,34 @@ def test_checkpoint_of_another_policy_is_refused():
         ClippedOptimizer(sgd(model), mode=MedianClip(2.0, 5)).load_state_dict(opt.state_dict())
 
 
+class _LargestSeen(ClipPolicy):
+    """State with a row per parameter: each one's largest gradient norm so far."""
+
+    def init_state(self, n_params, device):
+        return {"largest_seen": torch.zeros(n_params, device=device)}
+
+    def rule(self, norms, state):
+        seen, rows = state["largest_seen"], norms.rows()
+        largest = seen.index_copy(0, rows, torch.maximum(seen[rows], norms.param_norms.to(seen.dtype)))
+        one = torch.ones((), device=norms.device)
+        return ClipDecision(coef=one, threshold=one, state={"largest_seen": largest})
+
+
+def test_checkpoint_of_per_parameter_state_loads_and_one_of_another_size_is_refused():
+    model = make_model()
+    opt = ClippedOptimizer(sgd(model), mode=_LargestSeen())
+    for x, f in data(3):
+        backward(model, x, f)
+        opt.step()
+    sd = opt.state_dict()
+    resumed = ClippedOptimizer(sgd(model), mode=_LargestSeen())
+    resumed.load_state_dict(sd)
+    assert torch.equal(resumed.state["clip"]["largest_seen"], opt.state["clip"]["largest_seen"])
+    sd["state"]["clip"]["largest_seen"] = torch.zeros(5)  # the model has four parameters
+    with pytest.raises(ValueError, match=r"largest_seen.*shape \(4,\)"):
+        ClippedOptimizer(sgd(model), mode=_LargestSeen()).load_state_dict(sd)
+
+
 # -- checkpoints written before clip policies were objects -----------------------------------------
 OLD = os.path.join(os.path.dirname(__file__), "data", "old_checkpoints.pt")
 NEW_FORM = {

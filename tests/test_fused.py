@@ -76,6 +76,53 @@ def test_fused_fold_matches_clip_grad_norm_then_step(name, flat):
     assert int(st["clipped_steps"]) == 4
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_fused_with_an_opted_out_group_matches_clipping_the_others_then_step(name):
+    # A group with "clip": False keeps its gradient: the clip cannot be folded into the kernel's
+    # one grad_scale, which would scale that group too.
+    a, b = make_params(), make_params()
+    opt = ClippedOptimizer(FUSED[name]([{"params": a[:2]}, {"params": a[2:], "clip": False}]), max_norm=1.0)
+    ref = FUSED[name]([{"params": b[:2]}, {"params": b[2:]}])
+    for step in range(3):
+        opt.zero_grad()
+        ref.zero_grad()
+        loss_of(a, step).backward()
+        loss_of(b, step).backward()
+        opt.step()
+        torch.nn.utils.clip_grad_norm_(b[:2], 1.0)
+        ref.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert int(opt.state["clip"]["clipped_steps"]) == 3
+
+
+def test_a_skipped_step_creates_no_state_for_a_parameter_added_since():
+    # A fused kernel told to skip still creates a parameter's missing state (fused SGD's
+    # momentum buffer from uninitialised memory), so such a step is decided on the host: as
+    # with torch's own skip, the added parameter has no state until a step proceeds.
+    a, b = make_params(), make_params()
+    opt = ClippedOptimizer(FUSED["SGD"](a[:3]), max_norm=1.0)
+    ref = FUSED["SGD"](b[:3])
+    for step in range(3):
+        if step == 1:
+            opt.add_param_group({"params": a[3:]})
+            ref.add_param_group({"params": b[3:]})
+        opt.zero_grad()
+        ref.zero_grad()
+        loss_of(a, step).backward()
+        loss_of(b, step).backward()
+        poison(a, step, {1})
+        poison(b, step, {1})
+        opt.step()
+        held = [q for g in ref.param_groups for q in g["params"]]
+        if math.isfinite(torch.nn.utils.clip_grad_norm_(held, 1.0)):
+            ref.step()
+        assert [p in opt.state for p in a] == [q in ref.state for q in b]
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert int(opt.state["clip"]["skipped_steps"]) == 1
+
+
 def scaler() -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
 

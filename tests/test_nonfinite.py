@@ -125,3 +125,17 @@ def test_host_syncs_per_step(nonfinite, inner, expected, mode, device_path):
     with count_host_syncs() as calls:
         opt.step()
     assert len(calls) == expected, calls
+
+
+def test_a_parameter_that_never_has_a_gradient_costs_no_host_sync():
+    # It has no inner state, and a fused kernel creates none for a parameter without a
+    # gradient: the kernel can still be the one to skip, with no sync.
+    model = _model()
+    idle = nn.Parameter(torch.zeros(3))
+    opt = ClippedOptimizer(torch.optim.AdamW([*model.parameters(), idle], fused=True))
+    _grads(model)
+    opt.step()
+    _grads(model)
+    with count_host_syncs() as calls:
+        opt.step()
+    assert calls == [] and idle not in opt.state

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipped_optim import ClippedOptimizer, ZClip, clip_grad_norm, clip_grad_value
+from clipped_optim import ClippedOptimizer, SpikeSkip, ZClip, clip_grad_norm, clip_grad_value
 from helpers import assert_same_state_dict
 
 
@@ -246,6 +246,91 @@ def test_lbfgs_nan_in_a_later_evaluation_is_skipped():
     assert int(inner_state.get("func_evals", 0)) == 0 and int(inner_state.get("n_iter", 0)) == 0
 
 
+class _Lbfgs:
+    """LBFGS under the wrapper on a fixed problem; ``step(poison=True)`` makes a later
+    evaluation of the closure (one of LBFGS's own, after the wrapper's first) NaN."""
+
+    def __init__(self, nonfinite: str):
+        self.model, self.x, self.y = _lbfgs_problem()
+        inner = torch.optim.LBFGS(self.model.parameters(), lr=0.5, max_iter=5)
+        self.opt = ClippedOptimizer(inner, max_norm=1.0, nonfinite=nonfinite)
+
+    def step(self, poison: bool = False) -> None:
+        evals = [0]
+
+        def closure():
+            self.opt.zero_grad()
+            loss = nn.functional.mse_loss(self.model(self.x), self.y)
+            loss.backward()
+            evals[0] += 1
+            if poison and evals[0] == 2:
+                self.model.weight.grad[0, 0] = math.nan
+            return loss
+
+        try:
+            self.opt.step(closure)
+        finally:
+            assert evals[0] >= 2 or not poison, "LBFGS did not evaluate again: nothing was poisoned"
+
+
+def test_lbfgs_step_undone_by_a_nan_evaluation_is_as_if_it_never_ran():
+    # After a first step, LBFGS's state holds tensors and lists that its step updates in place
+    # (prev_flat_grad, old_dirs): the undone step must give them back untouched, so that the
+    # next step is the one a run without the bad step takes.
+    run, ref = _Lbfgs("skip"), _Lbfgs("skip")
+    run.step(), run.step(poison=True), run.step()
+    ref.step(), ref.step()
+    for p, q in zip(run.model.parameters(), ref.model.parameters()):
+        assert torch.equal(p, q)
+    state, ref_state = run.opt.optimizer.state[run.model.weight], ref.opt.optimizer.state[ref.model.weight]
+    assert int(state["n_iter"]) == int(ref_state["n_iter"]) and len(state["old_dirs"]) == len(ref_state["old_dirs"])
+    clip = run.opt.state["clip"]
+    assert (int(clip["steps"]), int(clip["skipped_steps"]), int(clip["nonfinite_steps"])) == (3, 1, 1)
+
+
+def test_lbfgs_nan_evaluation_under_raise_leaves_the_optimizer_as_it_was():
+    run, ref = _Lbfgs("raise"), _Lbfgs("raise")
+    run.step(), ref.step()
+    with pytest.raises(FloatingPointError, match="at step 2;"):
+        run.step(poison=True)
+    for p, q in zip(run.model.parameters(), ref.model.parameters()):
+        assert torch.equal(p, q)
+    # the inner state and the first step's statistics, as before the step that raised
+    assert_same_state_dict(run.opt.state_dict(), ref.opt.state_dict())
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+def test_lbfgs_closure_that_raises_in_the_line_search(nonfinite):
+    # "skip" undoes the step from a copy taken before it; "propagate" takes no copy and leaves
+    # the parameters where LBFGS had moved them, as plain torch (clipping in its closure) does.
+    def run(wrap: bool):
+        model, x, y = _lbfgs_problem()
+        inner = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+        opt = ClippedOptimizer(inner, max_norm=1.0, nonfinite=nonfinite) if wrap else inner
+        evals = [0]
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            evals[0] += 1
+            if evals[0] == 3:  # LBFGS's third call, with or without the wrapper
+                raise RuntimeError("data loader failed")
+            if not wrap:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            return loss
+
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(RuntimeError, match="data loader failed"):
+            opt.step(closure)
+        return list(model.parameters()), before
+
+    (got, before), (torch_got, _) = run(wrap=True), run(wrap=False)
+    want = before if nonfinite == "skip" else torch_got
+    assert all(torch.equal(p, q) for p, q in zip(got, want))
+    assert not all(torch.equal(p, q) for p, q in zip(torch_got, before))  # LBFGS had moved them
+
+
 def test_lbfgs_adaptive_state_advances_once_per_step():
     model, x, y = _lbfgs_problem()
     opt = ClippedOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), mode=ZClip(warmup_steps=3))
@@ -262,6 +347,36 @@ def test_lbfgs_adaptive_state_advances_once_per_step():
         opt.step(closure)
         assert int(opt.state["clip"]["zclip_seen"]) == step + 1
     assert evals[0] > 2
+
+
+def test_lbfgs_spike_detector_judges_a_step_by_its_first_evaluation():
+    # A line search's later evaluations can have far larger gradients than the step's first
+    # (the one recorded): they are clipped, but they are not spikes that skip the step. (The
+    # small max_norm clips every evaluation, so the scaled ones move LBFGS as the others would.)
+    model, x, y = _lbfgs_problem()
+    opt = ClippedOptimizer(
+        torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4),
+        max_norm=1e-3,
+        skip_spikes=SpikeSkip(sigma=3.0, window=3),
+    )
+    evals = [0]
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        evals[0] += 1
+        if evals[0] > 1:
+            for p in model.parameters():
+                p.grad.mul_(1e3)
+        return loss
+
+    for _ in range(6):
+        evals[0] = 0
+        opt.step(closure)
+        assert evals[0] > 1
+    clip = opt.state["clip"]
+    assert (int(clip["skipped_steps"]), int(clip["spike_count"])) == (0, 6)
 
 
 def test_lbfgs_matches_clipping_inside_the_closure():

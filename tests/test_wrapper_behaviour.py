@@ -3,6 +3,9 @@ the error of ``nonfinite="raise"`` naming exactly the parameters at fault."""
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -92,6 +95,24 @@ def test_raise_names_only_the_nonfinite_parameters_half_precision_included():
     assert torch.equal(big.grad, torch.full((1000,), 300.0, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("norm_type,named", [(2.0, [2, 3]), (math.inf, [3])], ids=["2", "inf"])
+def test_raise_measures_each_parameter_as_the_step_does(norm_type, named):
+    # A parameter is named only if its own norm, in the step's norm_type and in the precision
+    # the step measures it in (float32 for half precision, its own dtype otherwise), is NaN/Inf.
+    grads = [
+        torch.full((1000,), 3000.0, dtype=torch.float16),  # norm 94868: past fp16's largest, not float32's
+        torch.full((3,), 1e100, dtype=torch.float64),  # norm 1.7e100: past float32's largest
+        torch.full((2,), 3e38),  # its 2-norm overflows float32, its inf-norm does not
+        torch.tensor([1.0, math.nan]),
+    ]
+    params = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.1), nonfinite="raise", norm_type=norm_type)
+    with pytest.raises(FloatingPointError, match=re.escape(f"by index in optimizer order: {named}. Use")):
+        opt.step()
+
+
 def test_raise_names_a_sparse_gradient():
     emb = nn.Embedding(5, 2, sparse=True)
     emb(torch.tensor([1, 1, 3])).sum().backward()
@@ -109,7 +130,10 @@ def test_raise_says_when_only_the_global_norm_overflowed():
     for p in params:
         p.grad = torch.full((1,), 3e38)  # each finite; their 2-norm is not, in float32
     opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.1), nonfinite="raise")
-    with pytest.raises(FloatingPointError, match=r"at step 1.*none alone: the global norm overflowed"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"at step 1;.*none alone: the global norm overflowed\. Use nonfinite='skip' to skip such steps instead\.$",
+    ):
         opt.step()
     assert int(opt.state["clip"]["steps"]) == 0  # a step that raised is not recorded
 

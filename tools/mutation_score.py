@@ -6,10 +6,12 @@ equivalent. An equivalent mutant is listed by its function and its mutated code 
 number, which changes whenever the function does), so a surviving mutant counts as equivalent
 only while its change is still the one the list describes.
 
-    python tools/mutation_score.py [--survivors] [module ...]
+    python tools/mutation_score.py [--survivors] [--only FILE] [module ...]
 
 ``--survivors`` lists every mutant that survived and is not listed, with its change
-(``mutmut show NAME`` prints the whole diff). Run from the repository root, after ``mutmut run``.
+(``mutmut show NAME`` prints the whole diff). ``--only FILE`` counts only the mutants named in
+FILE (one a line): the score of a sample, e.g. the first names of a seeded shuffle. Run from
+the repository root, after ``mutmut run``.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--survivors", action="store_true", help="list the surviving mutants that are not listed as equivalent"
     )
+    parser.add_argument("--only", metavar="FILE", help="count only the mutants named in FILE (one a line): a sample")
     args = parser.parse_args(argv)
+    only = set(Path(args.only).read_text(encoding="utf-8").split()) if args.only else None
     meta = ROOT / "mutants" / PACKAGE
     modules = args.modules or sorted(p.name.removesuffix(".py.meta") for p in meta.glob("*.py.meta"))
     if not modules:
@@ -87,6 +91,8 @@ def main(argv: list[str]) -> int:
     for module in modules:
         path = meta / f"{module}.py.meta"
         verdicts = json.loads(path.read_text(encoding="utf-8"))["exit_code_by_key"] if path.exists() else {}
+        if only is not None:
+            verdicts = {name: code for name, code in verdicts.items() if name in only}
         counts: Counter[str] = Counter()
         for name, code in sorted(
             verdicts.items(), key=lambda kv: (kv[0].partition("__mutmut_")[0], int(kv[0].rpartition("_")[2]))
