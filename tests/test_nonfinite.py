@@ -127,9 +127,9 @@ def test_host_syncs_per_step(nonfinite, inner, expected, mode, device_path):
     assert len(calls) == expected, calls
 
 
-def test_a_parameter_that_never_has_a_gradient_costs_no_host_sync():
+def test_a_parameter_that_never_has_a_gradient_costs_no_host_sync(device_path):
     # It has no inner state, and a fused kernel creates none for a parameter without a
-    # gradient: the kernel can still be the one to skip, with no sync.
+    # gradient: the kernel can still be the one to skip, with no sync (on an accelerator).
     model = _model()
     idle = nn.Parameter(torch.zeros(3))
     opt = ClippedOptimizer(torch.optim.AdamW([*model.parameters(), idle], fused=True))
