@@ -143,6 +143,41 @@ def test_agc_param_group_opt_out(timm_agc):
         assert params_equal(ref, ours)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_agc_on_weights_measured_together_equals_timm(dtype, timm_agc):
+    """Small >= 2-D weights with the same row length are measured by one kernel, a large one
+    alone: every unit's bound is still its own weight row's, as timm's (here several weights
+    of one row length, a 4-D conv weight, one weight over the batching limit, and biases)."""
+    torch.manual_seed(0)
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(2, 3, 2),  # 4-D weight, rows of 8
+            nn.Flatten(),
+            nn.Linear(12, 8),
+            nn.Linear(8, 8),  # two weights of row length 8, with the conv's: one kernel
+            nn.Linear(8, 8, bias=False),
+            nn.Linear(8, 300),
+            nn.Linear(300, 300, bias=False),  # 90000 elements: measured alone
+            nn.Linear(300, 2),
+        ).to(dtype)
+
+    ours, ref = model(), model()
+    opt = ClippedOptimizer(torch.optim.SGD(ours.parameters(), lr=0.0), mode=AGC(clip_factor=0.05))
+    gen = torch.Generator().manual_seed(2)
+    for scale in (1e-3, 1.0, 1e3):
+        x = torch.randn(4, 2, 3, 3, generator=gen, dtype=dtype)
+        for m in (ours, ref):
+            backward(m, x, scale)
+        timm_agc.adaptive_clip_grad(ref.parameters(), clip_factor=0.05)
+        opt.step()
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            assert p.grad.dtype == dtype
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    assert int(opt.state["clip"]["clipped_steps"]) > 0
+
+
 # -- AutoClip ----------------------------------------------------------------------------------
 def _autoclip_threshold(clipper, key) -> torch.Tensor:
     history = clipper.state[key].get("history") if not isinstance(key, str) else clipper.state[key]
@@ -202,6 +237,33 @@ def test_autoclip_per_param_missing_gradients():
                 model[-1].weight.grad = None
             step()
         assert params_equal(ref, ours)
+
+
+def test_autoclip_per_param_params_added_later_equal_package():
+    """Parameters added by ``add_param_group`` after some steps (one at a time) start with
+    empty histories of their own, and the others keep theirs, as in autoclip."""
+    ref, ours = make_model(), make_model()
+    late = lambda m: [[m[-1].weight], [m[-1].bias]]  # noqa: E731
+    body = lambda m: list(m.parameters())[:-2]  # noqa: E731
+    ref_opt = autoclip_torch.QuantileClip.as_optimizer(
+        torch.optim.SGD(body(ref), lr=0.05, momentum=0.9), 0.7, 6, global_threshold=False
+    )
+    opt = ClippedOptimizer(
+        torch.optim.SGD(body(ours), lr=0.05, momentum=0.9),
+        mode=AutoClip(quantile=0.7, history_length=6, per_param=True),
+    )
+    for t, (x, f) in enumerate(data(30)):
+        if t in (8, 17):  # a group of one parameter each time
+            i = (8, 17).index(t)
+            ref_opt.add_param_group({"params": late(ref)[i]})
+            opt.add_param_group({"params": late(ours)[i]})
+        backward(ref, x, f)
+        ref_opt.step()
+        backward(ours, x, f)
+        opt.step()
+        assert params_equal(ref, ours), t
+    n = len(list(ours.parameters()))
+    assert opt.state["clip"]["autoclip_count"].tolist() == [30] * (n - 2) + [22, 13]
 
 
 def test_a_float64_norm_beyond_float32_does_not_poison_autoclip():
@@ -642,6 +704,45 @@ BAD_FIELDS = [
 def test_bad_policy_fields_fail_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+#: (policy, field, a value it refuses, what the message says is allowed)
+FIELD_ERRORS = [
+    (AGC, "clip_factor", 0.0, "expected a positive finite number"),
+    (AGC, "eps", math.inf, "expected a positive finite number"),
+    (AutoClip, "quantile", -0.1, r"expected a number in \[0, 1\]"),
+    (AutoClip, "history_length", 0, "expected an integer >= 1"),
+    (AutoClip, "per_param", 1, "expected True or False"),
+    (ZClip, "alpha", 0.0, r"expected a number in \(0, 1\)"),
+    (ZClip, "z_thresh", -2.5, "expected a positive finite number"),
+    (ZClip, "max_norm", 0.0, "expected a positive finite number"),
+    (ZClip, "warmup_steps", True, "expected an integer >= 1"),
+    (ZClip, "clip_option", "zscore", "expected one of 'adaptive_scaling', 'mean', 'percentile'"),
+    (ZClip, "clip_factor", math.nan, "expected a positive finite number"),
+    (ZClip, "skip_update_on_spike", "no", "expected True or False"),
+    (SpikeSkip, "sigma", 0, "expected a positive finite number"),
+    (SpikeSkip, "window", 2, r"expected an integer >= 3 \(norms in the rolling window\)"),
+]
+
+
+@pytest.mark.parametrize("cls,field,value,allowed", FIELD_ERRORS, ids=lambda v: getattr(v, "__name__", None))
+def test_a_bad_field_is_named_with_its_policy_value_and_what_is_allowed(cls, field, value, allowed):
+    """The message a user reads: ``<Policy>: invalid <field>=<value>; <what is allowed>``."""
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: invalid {field}={value!r}; {allowed}$"):
+        cls(**{field: value})
+
+
+def test_the_bounds_of_each_field_are_accepted():
+    """The allowed ends of each range are taken, and numbers are kept as floats."""
+    assert AutoClip(quantile=0, history_length=1).quantile == 0.0
+    assert AutoClip(quantile=1).quantile == 1.0
+    assert SpikeSkip(window=3, sigma=1).window == 3
+    assert type(SpikeSkip(sigma=1).sigma) is float and type(AGC(clip_factor=1, eps=1).eps) is float
+    z = ZClip(alpha=0.5, z_thresh=1, max_norm=2, warmup_steps=1, clip_factor=3)
+    assert (z.alpha, z.z_thresh, z.max_norm, z.warmup_steps, z.clip_factor) == (0.5, 1.0, 2.0, 1, 3.0)
+    assert all(type(v) is float for v in (z.alpha, z.z_thresh, z.max_norm, z.clip_factor))
+    with pytest.raises(ValueError, match="alpha"):
+        ZClip(alpha=1)
 
 
 BAD = [
