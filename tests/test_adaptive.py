@@ -178,6 +178,49 @@ def test_agc_on_weights_measured_together_equals_timm(dtype, timm_agc):
     assert int(opt.state["clip"]["clipped_steps"]) > 0
 
 
+def _unit_norms(t: torch.Tensor) -> torch.Tensor:
+    """AGC's unit norms, flat: each row of a >= 2-D tensor, the whole of a <= 1-D one."""
+    return t.norm().reshape(1) if t.ndim <= 1 else t.norm(dim=tuple(range(1, t.ndim)))
+
+
+def test_agc_records_its_smallest_unit_factor(timm_agc):
+    """``clip_coef`` is the smallest factor a unit's gradient was multiplied by, here with a
+    zero-initialised layer (whose units are bounded by ``eps``; the layers before it get no
+    gradient), as NFNets initialise theirs."""
+    ours, ref = make_model(), make_model()
+    for m in (ours, ref):
+        nn.init.zeros_(m[2].weight)
+    opt = ClippedOptimizer(torch.optim.SGD(ours.parameters(), lr=0.0), mode="agc")
+    for x, f in data(3):
+        for m in (ours, ref):
+            backward(m, x, f)
+        before = [p.grad.clone() for p in ref.parameters()]
+        timm_agc.adaptive_clip_grad(ref.parameters())
+        opt.step()
+        factors = []
+        for g, p in zip(before, ref.parameters()):
+            n = _unit_norms(g)
+            factors.append(torch.where(n > 0, _unit_norms(p.grad) / n, 1.0))  # no gradient: 1
+        smallest = torch.cat(factors).min()
+        assert float(smallest) < 1e-2  # the zero-initialised layer's units are clipped hard
+        torch.testing.assert_close(opt.state["clip"]["clip_coef"], smallest, rtol=1e-5, atol=0)
+        assert float(opt.state["clip"]["threshold"]) == pytest.approx(0.01)
+
+
+def test_agc_refuses_a_sparse_gradient_with_both_shapes():
+    """A sparse gradient has no rows of the weight's shape to measure: a plain ``ValueError``
+    that gives both shapes, and nothing is updated."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = ClippedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1), mode="agc")
+    emb(torch.tensor([1, 3, 3, 7])).sum().backward()
+    weight = emb.weight.detach().clone()
+    shapes = r"got a gradient of shape \(\d+, 4\) for a parameter of shape \(10, 4\)$"
+    with pytest.raises(ValueError, match=r"^mode=AGC\(\) needs dense gradients; " + shapes):
+        opt.step()
+    assert torch.equal(emb.weight, weight)
+
+
 # -- AutoClip ----------------------------------------------------------------------------------
 def _autoclip_threshold(clipper, key) -> torch.Tensor:
     history = clipper.state[key].get("history") if not isinstance(key, str) else clipper.state[key]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from clipped_optim import clip_grad_norm, clip_grad_value
+from clipped_optim import AutoClip, ClippedOptimizer, clip_grad_norm, clip_grad_value
 from clipped_optim.distributed import Sharding
 from clipped_optim.norms import GradBatch, tensor_norms, total_norm
 
@@ -93,3 +93,29 @@ def test_a_sharded_total_with_no_pieces_here_is_zero(group_of_one):
     batch = GradBatch([], sharding=Sharding(group_of_one, [], []))
     total, stacked = total_norm([], 2.0, torch.device("cpu"), batch.sharding)
     assert float(total) == 0.0 and stacked.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "mode,match",
+    [
+        (
+            "agc",
+            r"^ClippedOptimizer: mode=AGC\(\) on sharded gradients \(FSDP, DTensor, process_group=\) is not supported",
+        ),
+        (
+            AutoClip(per_param=True),
+            r"^ClippedOptimizer: AutoClip\(per_param=True\) on sharded gradients \(FSDP, DTensor, process_group=\) is not "
+            r"supported: the per-parameter norms are of local pieces\. Use per_param=False",
+        ),
+    ],
+)
+def test_the_per_unit_modes_refuse_sharded_gradients(group_of_one, mode, match):
+    """AGC and per-parameter AutoClip need each parameter's whole norm: under ``process_group=``
+    they refuse at the step, saying so, and leave the weights as they were."""
+    params = [torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.ones(2))]
+    opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.1), mode=mode, process_group=group_of_one)
+    for p in params:
+        p.grad = torch.full_like(p, 5.0)
+    with pytest.raises(NotImplementedError, match=match):
+        opt.step()
+    assert all(torch.equal(p, torch.ones_like(p)) for p in params)
