@@ -639,6 +639,38 @@ def test_resume_rejects_a_history_of_the_other_kind(saved, loaded):
     assert "autoclip_ring" not in other.state["clip"] and int(other.state["clip"]["steps"]) == 0
 
 
+def _autoclip_checkpoint(per_param: bool) -> tuple[list[nn.Parameter], dict]:
+    params = [nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))]
+    opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.1), mode=AutoClip(per_param=per_param, history_length=4))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return params, opt.state_dict()
+
+
+def test_resume_rejects_a_history_whose_rows_do_not_fit():
+    """A checkpoint without the ``autoclip_per_param`` flag (older ones) is judged by its rows:
+    per-parameter rows are refused by a global AutoClip, and keys whose rows disagree by both
+    kinds, each time at the load, naming the rows found."""
+    params, ckpt = _autoclip_checkpoint(per_param=True)
+    del ckpt["state"]["clip"]["autoclip_per_param"]
+    other = ClippedOptimizer(torch.optim.SGD(params, lr=0.1), mode=AutoClip(history_length=4))
+    with pytest.raises(ValueError, match=r"AutoClip history has rows \[2\] across its keys; expected one in each$"):
+        other.load_state_dict(copy.deepcopy(ckpt))
+    ClippedOptimizer(torch.optim.SGD(params, lr=0.1), mode=AutoClip(per_param=True, history_length=4)).load_state_dict(
+        copy.deepcopy(ckpt)
+    )  # the kind it was kept with takes it
+    for per_param in (True, False):
+        params, ckpt = _autoclip_checkpoint(per_param)
+        clip = ckpt["state"]["clip"]
+        clip["autoclip_sorted"] = torch.cat([clip["autoclip_sorted"], clip["autoclip_sorted"]])
+        other = ClippedOptimizer(torch.optim.SGD(params, lr=0.1), mode=AutoClip(per_param=per_param, history_length=4))
+        want = "one per parameter" if per_param else "one"
+        rows = "1, 2" if not per_param else "2, 4"
+        with pytest.raises(ValueError, match=rf"has rows \[{rows}\] across its keys; expected {want} in each$"):
+            other.load_state_dict(ckpt)
+
+
 # -- GradScaler and fused inner optimizers -------------------------------------------------------
 ADAPTIVE = [
     dict(mode="agc"),
@@ -778,7 +810,7 @@ def test_a_bad_field_is_named_with_its_policy_value_and_what_is_allowed(cls, fie
 def test_the_bounds_of_each_field_are_accepted():
     """The allowed ends of each range are taken, and numbers are kept as floats."""
     assert AutoClip(quantile=0, history_length=1).quantile == 0.0
-    assert AutoClip(quantile=1).quantile == 1.0
+    assert AutoClip(quantile=1).quantile == 1.0 and type(AutoClip(quantile=1).quantile) is float
     assert SpikeSkip(window=3, sigma=1).window == 3
     assert type(SpikeSkip(sigma=1).sigma) is float and type(AGC(clip_factor=1, eps=1).eps) is float
     z = ZClip(alpha=0.5, z_thresh=1, max_norm=2, warmup_steps=1, clip_factor=3)
