@@ -13,7 +13,9 @@ import importlib.util
 import io
 import math
 import os
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -406,7 +408,54 @@ def test_zclip_equals_package(kw):
     assert spikes >= 3 and int(opt.state["clip"]["clipped_steps"]) > 0
 
 
+def test_zclip_tracks_the_norm_of_the_norm_type():
+    """With ``norm_type=1`` ZClip's statistics are of the clipped groups' L1 norm, the one the
+    step measures and records (the package knows only L2): its mean after the warm-up is that
+    of the warm-up's norms."""
+    model = make_model()
+    opt = ClippedOptimizer(sgd(model), mode=ZClip(warmup_steps=5, max_norm=None), norm_type=1.0)
+    norms = []
+    for x, f in data(5, spikes={}):
+        backward(model, x, f)
+        want = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], 1.0)
+        opt.step()
+        assert torch.equal(opt.state["clip"]["grad_norm"], want)
+        norms.append(float(want))
+    assert float(opt.state["clip"]["zclip_mean"]) == pytest.approx(sum(norms) / 5, rel=1e-12)
+
+
 # -- the host path and the device path -----------------------------------------------------------
+#: policy -> (functions only the device path calls, functions only the host path calls)
+PATH_FUNCTIONS = [
+    (dict(mode=ZClip(warmup_steps=3)), ["zclip_update"], ["zclip_update_host"]),
+    (dict(mode=AutoClip(history_length=4)), ["sorted_ring_push", "quantile_sorted"], ["sorted_ring_push_host"]),
+    (dict(mode="norm", skip_spikes=SpikeSkip(window=3)), ["spike_test"], ["spike_test_host"]),
+]
+
+
+@pytest.mark.parametrize("kw,device_only,host_only", PATH_FUNCTIONS, ids=["zclip", "autoclip", "spikes"])
+def test_a_cpu_step_decides_on_the_host_unless_told_not_to(kw, device_only, host_only, rule_path, monkeypatch):
+    """On a CPU the rules decide on the host (a few Python floats instead of dozens of tensor
+    ops); with ``policy.HOST_SCALARS`` off they take the accelerator's path. Each path calls
+    only its own functions, on every step: inside and after the warm-ups, with spikes."""
+    from clipped_optim import adaptive
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"{name} called on the {rule_path} path")
+
+        return call
+
+    for name in host_only if rule_path == "device" else device_only:
+        monkeypatch.setattr(adaptive, name, refuse(name))
+    model = make_model()
+    opt = ClippedOptimizer(sgd(model), **kw)
+    for x, f in data(8, spikes={5: 50.0}):
+        backward(model, x, f)
+        opt.step()
+    assert int(opt.state["clip"]["steps"]) == 8
+
+
 PATH_CASES = [dict(mode=ZClip(**kw)) for kw in ZCLIP_CASES] + [
     dict(mode=AutoClip(history_length=7)),
     dict(mode=AutoClip(quantile=0.5, history_length=1)),
@@ -543,6 +592,20 @@ def test_skip_spikes_waits_for_its_window_then_adapts_to_a_lasting_shift():
     assert skipped[49] == 0
     assert skipped[50] == 1  # the jump is a spike...
     assert skipped[-1] == skipped[-40] < 30  # ...but the new level is learned, not skipped forever
+
+
+@pytest.mark.parametrize("window,min_count", [(3, 3), (32, 20), (60, 30)])
+def test_skip_spikes_starts_once_its_minimum_count_is_in(window, min_count):
+    """Spikes are looked for once ``min(window, max(20, window // 2))`` norms are in (as
+    OLMo-core): a spike on the step that finds one norm fewer passes, on the next it is skipped."""
+    model = make_model()
+    x, _ = data(1)[0]
+    for at, skipped in ((min_count - 1, 0), (min_count, 1)):
+        opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), skip_spikes=SpikeSkip(window=window))
+        for t in range(at + 1):
+            backward(model, x * (1 + 0.01 * (t % 3)), 1e4 if t == at else 1.0)
+            opt.step()
+        assert int(opt.state["clip"]["skipped_steps"]) == skipped, (at, skipped)
 
 
 def test_skip_spikes_with_fused_adamw_leaves_state_untouched():
@@ -816,6 +879,10 @@ def test_the_bounds_of_each_field_are_accepted():
     z = ZClip(alpha=0.5, z_thresh=1, max_norm=2, warmup_steps=1, clip_factor=3)
     assert (z.alpha, z.z_thresh, z.max_norm, z.warmup_steps, z.clip_factor) == (0.5, 1.0, 2.0, 1, 3.0)
     assert all(type(v) is float for v in (z.alpha, z.z_thresh, z.max_norm, z.clip_factor))
+    assert type(AGC(clip_factor=1).clip_factor) is float and type(ZClip(alpha=Fraction(1, 2)).alpha) is float
+    # any integer type is kept as a Python int
+    sizes = AutoClip(history_length=np.int64(5)), ZClip(warmup_steps=np.int64(3)), SpikeSkip(window=np.int64(4))
+    assert [type(v) for v in (sizes[0].history_length, sizes[1].warmup_steps, sizes[2].window)] == [int] * 3
     with pytest.raises(ValueError, match="alpha"):
         ZClip(alpha=1)
 
