@@ -311,6 +311,30 @@ def test_autoclip_per_param_params_added_later_equal_package():
     assert opt.state["clip"]["autoclip_count"].tolist() == [30] * (n - 2) + [22, 13]
 
 
+def test_autoclip_per_param_resumes_from_a_checkpoint_without_thresholds():
+    """Older per-parameter checkpoints lack ``autoclip_thresholds`` (each step computes them
+    anew): they load, and the run goes on as from a full one."""
+    seq, k = data(16), 9
+    runs = []
+    for drop in (False, True):
+        model = make_model()
+        opt = ClippedOptimizer(sgd(model), mode=AutoClip(per_param=True, history_length=5))
+        for x, f in seq[:k]:
+            backward(model, x, f)
+            opt.step()
+        ckpt = copy.deepcopy(opt.state_dict())
+        if drop:
+            del ckpt["state"]["clip"]["autoclip_thresholds"]
+        resumed = ClippedOptimizer(sgd(model), mode=AutoClip(per_param=True, history_length=5))
+        resumed.load_state_dict(ckpt)
+        for x, f in seq[k:]:
+            backward(model, x, f)
+            resumed.step()
+        runs.append((model, resumed.state["clip"]["autoclip_thresholds"]))
+    assert params_equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
 def test_a_float64_norm_beyond_float32_does_not_poison_autoclip():
     """A float64 model's finite norm above float32's largest enters the (float32) history as
     that largest value: as an inf, every quantile reaching it was NaN (lerp(inf, inf)), and so
