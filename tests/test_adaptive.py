@@ -432,6 +432,29 @@ def test_zclip_equals_package(kw):
     assert spikes >= 3 and int(opt.state["clip"]["clipped_steps"]) > 0
 
 
+@pytest.mark.parametrize("clip_option", ["adaptive_scaling", "mean"])
+def test_zclip_a_norm_exactly_at_the_z_threshold_is_no_spike(clip_option):
+    """A spike is a z-score strictly above ``z_thresh``, as in the package: after a warm-up of
+    zero norms (mean 0, std 0) a float64 norm ``g`` has ``z = g / eps``, exactly 2.5 for the
+    first norm below and above it for the next float, whose bound is the mean, 0."""
+    at = 2.4999999999999998e-06
+    assert at / 1e-6 == 2.5 and math.nextafter(at, 1.0) / 1e-6 > 2.5
+    for g, spike in ((at, False), (math.nextafter(at, 1.0), True)):
+        ours, ref = (nn.Linear(1, 1, bias=False).double() for _ in range(2))
+        zc = zclip.ZClip(max_grad_norm=None, warmup_steps=2, clip_option=clip_option)
+        opt = ClippedOptimizer(
+            torch.optim.SGD(ours.parameters(), lr=0.0),
+            mode=ZClip(max_norm=None, warmup_steps=2, clip_option=clip_option),
+        )
+        for value in (0.0, 0.0, g):
+            ours.weight.grad = torch.full((1, 1), value, dtype=torch.float64)
+            ref.weight.grad = ours.weight.grad.clone()
+            opt.step()
+            zc.step(ref)
+        assert torch.equal(ours.weight.grad, ref.weight.grad)
+        assert float(ours.weight.grad) == (0.0 if spike else g)
+
+
 def test_zclip_tracks_the_norm_of_the_norm_type():
     """With ``norm_type=1`` ZClip's statistics are of the clipped groups' L1 norm, the one the
     step measures and records (the package knows only L2): its mean after the warm-up is that
