@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from clipped_optim import AutoClip, ClippedOptimizer, clip_grad_norm, clip_grad_value
+from clipped_optim import AGC, AutoClip, ClippedOptimizer, clip_grad_norm, clip_grad_value
 from clipped_optim.distributed import Sharding
 from clipped_optim.norms import GradBatch, tensor_norms, total_norm
+from clipped_optim.policy import run_policy
 
 NORM_TYPES = [1.0, 2.0, math.inf]
 
@@ -40,6 +41,23 @@ def test_a_batch_keeps_the_owners_it_is_given():
     plain = GradBatch(grads)
     assert plain.params is None and plain.positions is None and plain.n_total is None
     assert plain.sharding is None
+
+
+def test_agc_on_a_batch_needs_the_parameters_beside_the_gradients():
+    """AGC's bound is a ratio of each weight's norm: run on a batch of gradients alone it
+    refuses, leaving them as they were; given the parameters it clips as timm does."""
+    grads = _grads()
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^mode=AGC\(\) needs the parameters beside the gradients$"):
+        run_policy(AGC(), (), 2.0, GradBatch(grads), None, True, cpu, {})
+    assert all(torch.equal(g, h) for g, h in zip(grads, _grads()))
+    params = [torch.ones_like(g) for g in grads]
+    run_policy(AGC(clip_factor=0.1), (), 2.0, GradBatch(grads, params=params), None, True, cpu, {})
+    for g, h, p in zip(grads, _grads(), params):  # each unit to at most 0.1 of its weight's norm
+        dims = tuple(range(1, g.ndim)) if g.ndim > 1 else None
+        torch.testing.assert_close(
+            g, h * torch.clamp(0.1 * p.norm(dim=dims, keepdim=True) / h.norm(dim=dims, keepdim=True), max=1.0)
+        )
 
 
 @pytest.fixture
