@@ -180,6 +180,22 @@ def test_agc_on_weights_measured_together_equals_timm(dtype, timm_agc):
     assert int(opt.state["clip"]["clipped_steps"]) > 0
 
 
+def test_agc_on_two_weights_of_one_row_length_equals_timm(timm_agc):
+    """A batch of exactly two weights measured together (rows of 4) beside one alone."""
+    ours, ref = (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 2)) for _ in range(2))
+    ref.load_state_dict(ours.state_dict())
+    opt = ClippedOptimizer(torch.optim.SGD(ours.parameters(), lr=0.0), mode=AGC(clip_factor=0.05))
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(4))
+    for m in (ours, ref):
+        m.zero_grad()
+        (m(x).pow(2).mean() * 100.0).backward()
+    timm_agc.adaptive_clip_grad(ref.parameters(), clip_factor=0.05)
+    opt.step()
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    assert float(opt.state["clip"]["clip_coef"]) < 1
+
+
 def _unit_norms(t: torch.Tensor) -> torch.Tensor:
     """AGC's unit norms, flat: each row of a >= 2-D tensor, the whole of a <= 1-D one."""
     return t.norm().reshape(1) if t.ndim <= 1 else t.norm(dim=tuple(range(1, t.ndim)))
