@@ -13,7 +13,9 @@ import importlib.util
 import io
 import math
 import os
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -143,6 +145,100 @@ def test_agc_param_group_opt_out(timm_agc):
         assert params_equal(ref, ours)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_agc_on_weights_measured_together_equals_timm(dtype, timm_agc):
+    """Small >= 2-D weights with the same row length are measured by one kernel, a large one
+    alone: every unit's bound is still its own weight row's, as timm's (here several weights
+    of one row length, a 4-D conv weight, one weight over the batching limit, and biases)."""
+    torch.manual_seed(0)
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(2, 3, 2),  # 4-D weight, rows of 8
+            nn.Flatten(),
+            nn.Linear(12, 8),
+            nn.Linear(8, 8),  # two weights of row length 8, with the conv's: one kernel
+            nn.Linear(8, 8, bias=False),
+            nn.Linear(8, 300),
+            nn.Linear(300, 300, bias=False),  # 90000 elements: measured alone
+            nn.Linear(300, 2),
+        ).to(dtype)
+
+    ours, ref = model(), model()
+    opt = ClippedOptimizer(torch.optim.SGD(ours.parameters(), lr=0.0), mode=AGC(clip_factor=0.05))
+    gen = torch.Generator().manual_seed(2)
+    for scale in (1e-3, 1.0, 1e3):
+        x = torch.randn(4, 2, 3, 3, generator=gen, dtype=dtype)
+        for m in (ours, ref):
+            backward(m, x, scale)
+        timm_agc.adaptive_clip_grad(ref.parameters(), clip_factor=0.05)
+        opt.step()
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            assert p.grad.dtype == dtype
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    assert int(opt.state["clip"]["clipped_steps"]) > 0
+
+
+def test_agc_on_two_weights_of_one_row_length_equals_timm(timm_agc):
+    """A batch of exactly two weights measured together (rows of 4) beside one alone."""
+    ours, ref = (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 2)) for _ in range(2))
+    ref.load_state_dict(ours.state_dict())
+    opt = ClippedOptimizer(torch.optim.SGD(ours.parameters(), lr=0.0), mode=AGC(clip_factor=0.05))
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(4))
+    for m in (ours, ref):
+        m.zero_grad()
+        (m(x).pow(2).mean() * 100.0).backward()
+    timm_agc.adaptive_clip_grad(ref.parameters(), clip_factor=0.05)
+    opt.step()
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    assert float(opt.state["clip"]["clip_coef"]) < 1
+
+
+def _unit_norms(t: torch.Tensor) -> torch.Tensor:
+    """AGC's unit norms, flat: each row of a >= 2-D tensor, the whole of a <= 1-D one."""
+    return t.norm().reshape(1) if t.ndim <= 1 else t.norm(dim=tuple(range(1, t.ndim)))
+
+
+def test_agc_records_its_smallest_unit_factor(timm_agc):
+    """``clip_coef`` is the smallest factor a unit's gradient was multiplied by, here with a
+    zero-initialised layer (whose units are bounded by ``eps``; the layers before it get no
+    gradient), as NFNets initialise theirs."""
+    ours, ref = make_model(), make_model()
+    for m in (ours, ref):
+        nn.init.zeros_(m[2].weight)
+    opt = ClippedOptimizer(torch.optim.SGD(ours.parameters(), lr=0.0), mode="agc")
+    for x, f in data(3):
+        for m in (ours, ref):
+            backward(m, x, f)
+        before = [p.grad.clone() for p in ref.parameters()]
+        timm_agc.adaptive_clip_grad(ref.parameters())
+        opt.step()
+        factors = []
+        for g, p in zip(before, ref.parameters()):
+            n = _unit_norms(g)
+            factors.append(torch.where(n > 0, _unit_norms(p.grad) / n, 1.0))  # no gradient: 1
+        smallest = torch.cat(factors).min()
+        assert float(smallest) < 1e-2  # the zero-initialised layer's units are clipped hard
+        torch.testing.assert_close(opt.state["clip"]["clip_coef"], smallest, rtol=1e-5, atol=0)
+        assert float(opt.state["clip"]["threshold"]) == pytest.approx(0.01)
+
+
+def test_agc_refuses_a_sparse_gradient_with_both_shapes():
+    """A sparse gradient has no rows of the weight's shape to measure: a plain ``ValueError``
+    that gives both shapes, and nothing is updated."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = ClippedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1), mode="agc")
+    emb(torch.tensor([1, 3, 3, 7])).sum().backward()
+    weight = emb.weight.detach().clone()
+    shapes = r"got a gradient of shape \(\d+, 4\) for a parameter of shape \(10, 4\)$"
+    with pytest.raises(ValueError, match=r"^mode=AGC\(\) needs dense gradients; " + shapes):
+        opt.step()
+    assert torch.equal(emb.weight, weight)
+
+
 # -- AutoClip ----------------------------------------------------------------------------------
 def _autoclip_threshold(clipper, key) -> torch.Tensor:
     history = clipper.state[key].get("history") if not isinstance(key, str) else clipper.state[key]
@@ -202,6 +298,57 @@ def test_autoclip_per_param_missing_gradients():
                 model[-1].weight.grad = None
             step()
         assert params_equal(ref, ours)
+
+
+def test_autoclip_per_param_params_added_later_equal_package():
+    """Parameters added by ``add_param_group`` after some steps (one at a time) start with
+    empty histories of their own, and the others keep theirs, as in autoclip."""
+    ref, ours = make_model(), make_model()
+    late = lambda m: [[m[-1].weight], [m[-1].bias]]  # noqa: E731
+    body = lambda m: list(m.parameters())[:-2]  # noqa: E731
+    ref_opt = autoclip_torch.QuantileClip.as_optimizer(
+        torch.optim.SGD(body(ref), lr=0.05, momentum=0.9), 0.7, 6, global_threshold=False
+    )
+    opt = ClippedOptimizer(
+        torch.optim.SGD(body(ours), lr=0.05, momentum=0.9),
+        mode=AutoClip(quantile=0.7, history_length=6, per_param=True),
+    )
+    for t, (x, f) in enumerate(data(30)):
+        if t in (8, 17):  # a group of one parameter each time
+            i = (8, 17).index(t)
+            ref_opt.add_param_group({"params": late(ref)[i]})
+            opt.add_param_group({"params": late(ours)[i]})
+        backward(ref, x, f)
+        ref_opt.step()
+        backward(ours, x, f)
+        opt.step()
+        assert params_equal(ref, ours), t
+    n = len(list(ours.parameters()))
+    assert opt.state["clip"]["autoclip_count"].tolist() == [30] * (n - 2) + [22, 13]
+
+
+def test_autoclip_per_param_resumes_from_a_checkpoint_without_thresholds():
+    """Older per-parameter checkpoints lack ``autoclip_thresholds`` (each step computes them
+    anew): they load, and the run goes on as from a full one."""
+    seq, k = data(16), 9
+    runs = []
+    for drop in (False, True):
+        model = make_model()
+        opt = ClippedOptimizer(sgd(model), mode=AutoClip(per_param=True, history_length=5))
+        for x, f in seq[:k]:
+            backward(model, x, f)
+            opt.step()
+        ckpt = copy.deepcopy(opt.state_dict())
+        if drop:
+            del ckpt["state"]["clip"]["autoclip_thresholds"]
+        resumed = ClippedOptimizer(sgd(model), mode=AutoClip(per_param=True, history_length=5))
+        resumed.load_state_dict(ckpt)
+        for x, f in seq[k:]:
+            backward(model, x, f)
+            resumed.step()
+        runs.append((model, resumed.state["clip"]["autoclip_thresholds"]))
+    assert params_equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])
 
 
 def test_a_float64_norm_beyond_float32_does_not_poison_autoclip():
@@ -301,7 +448,77 @@ def test_zclip_equals_package(kw):
     assert spikes >= 3 and int(opt.state["clip"]["clipped_steps"]) > 0
 
 
+@pytest.mark.parametrize("clip_option", ["adaptive_scaling", "mean"])
+def test_zclip_a_norm_exactly_at_the_z_threshold_is_no_spike(clip_option):
+    """A spike is a z-score strictly above ``z_thresh``, as in the package: after a warm-up of
+    zero norms (mean 0, std 0) a float64 norm ``g`` has ``z = g / eps``, exactly 2.5 for the
+    first norm below and above it for the next float, whose bound is the mean, 0."""
+    at = 2.4999999999999998e-06
+    assert at / 1e-6 == 2.5 and math.nextafter(at, 1.0) / 1e-6 > 2.5
+    for g, spike in ((at, False), (math.nextafter(at, 1.0), True)):
+        ours, ref = (nn.Linear(1, 1, bias=False).double() for _ in range(2))
+        zc = zclip.ZClip(max_grad_norm=None, warmup_steps=2, clip_option=clip_option)
+        opt = ClippedOptimizer(
+            torch.optim.SGD(ours.parameters(), lr=0.0),
+            mode=ZClip(max_norm=None, warmup_steps=2, clip_option=clip_option),
+        )
+        for value in (0.0, 0.0, g):
+            ours.weight.grad = torch.full((1, 1), value, dtype=torch.float64)
+            ref.weight.grad = ours.weight.grad.clone()
+            opt.step()
+            zc.step(ref)
+        assert torch.equal(ours.weight.grad, ref.weight.grad)
+        assert float(ours.weight.grad) == (0.0 if spike else g)
+
+
+def test_zclip_tracks_the_norm_of_the_norm_type():
+    """With ``norm_type=1`` ZClip's statistics are of the clipped groups' L1 norm, the one the
+    step measures and records (the package knows only L2): its mean after the warm-up is that
+    of the warm-up's norms."""
+    model = make_model()
+    opt = ClippedOptimizer(sgd(model), mode=ZClip(warmup_steps=5, max_norm=None), norm_type=1.0)
+    norms = []
+    for x, f in data(5, spikes={}):
+        backward(model, x, f)
+        want = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], 1.0)
+        opt.step()
+        assert torch.equal(opt.state["clip"]["grad_norm"], want)
+        norms.append(float(want))
+    assert float(opt.state["clip"]["zclip_mean"]) == pytest.approx(sum(norms) / 5, rel=1e-12)
+
+
 # -- the host path and the device path -----------------------------------------------------------
+#: policy -> (functions only the device path calls, functions only the host path calls)
+PATH_FUNCTIONS = [
+    (dict(mode=ZClip(warmup_steps=3)), ["zclip_update"], ["zclip_update_host"]),
+    (dict(mode=AutoClip(history_length=4)), ["sorted_ring_push", "quantile_sorted"], ["sorted_ring_push_host"]),
+    (dict(mode="norm", skip_spikes=SpikeSkip(window=3)), ["spike_test"], ["spike_test_host"]),
+]
+
+
+@pytest.mark.parametrize("kw,device_only,host_only", PATH_FUNCTIONS, ids=["zclip", "autoclip", "spikes"])
+def test_a_cpu_step_decides_on_the_host_unless_told_not_to(kw, device_only, host_only, rule_path, monkeypatch):
+    """On a CPU the rules decide on the host (a few Python floats instead of dozens of tensor
+    ops); with ``policy.HOST_SCALARS`` off they take the accelerator's path. Each path calls
+    only its own functions, on every step: inside and after the warm-ups, with spikes."""
+    from clipped_optim import adaptive
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"{name} called on the {rule_path} path")
+
+        return call
+
+    for name in host_only if rule_path == "device" else device_only:
+        monkeypatch.setattr(adaptive, name, refuse(name))
+    model = make_model()
+    opt = ClippedOptimizer(sgd(model), **kw)
+    for x, f in data(8, spikes={5: 50.0}):
+        backward(model, x, f)
+        opt.step()
+    assert int(opt.state["clip"]["steps"]) == 8
+
+
 PATH_CASES = [dict(mode=ZClip(**kw)) for kw in ZCLIP_CASES] + [
     dict(mode=AutoClip(history_length=7)),
     dict(mode=AutoClip(quantile=0.5, history_length=1)),
@@ -440,6 +657,20 @@ def test_skip_spikes_waits_for_its_window_then_adapts_to_a_lasting_shift():
     assert skipped[-1] == skipped[-40] < 30  # ...but the new level is learned, not skipped forever
 
 
+@pytest.mark.parametrize("window,min_count", [(3, 3), (32, 20), (60, 30)])
+def test_skip_spikes_starts_once_its_minimum_count_is_in(window, min_count):
+    """Spikes are looked for once ``min(window, max(20, window // 2))`` norms are in (as
+    OLMo-core): a spike on the step that finds one norm fewer passes, on the next it is skipped."""
+    model = make_model()
+    x, _ = data(1)[0]
+    for at, skipped in ((min_count - 1, 0), (min_count, 1)):
+        opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), skip_spikes=SpikeSkip(window=window))
+        for t in range(at + 1):
+            backward(model, x * (1 + 0.01 * (t % 3)), 1e4 if t == at else 1.0)
+            opt.step()
+        assert int(opt.state["clip"]["skipped_steps"]) == skipped, (at, skipped)
+
+
 def test_skip_spikes_with_fused_adamw_leaves_state_untouched():
     model = make_model()
     opt = ClippedOptimizer(
@@ -532,6 +763,38 @@ def test_resume_rejects_a_history_of_the_other_kind(saved, loaded):
     with pytest.raises(ValueError, match=f"per_param={saved}, but this optimizer uses per_param={loaded}"):
         other.load_state_dict(opt.state_dict())
     assert "autoclip_ring" not in other.state["clip"] and int(other.state["clip"]["steps"]) == 0
+
+
+def _autoclip_checkpoint(per_param: bool) -> tuple[list[nn.Parameter], dict]:
+    params = [nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))]
+    opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.1), mode=AutoClip(per_param=per_param, history_length=4))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return params, opt.state_dict()
+
+
+def test_resume_rejects_a_history_whose_rows_do_not_fit():
+    """A checkpoint without the ``autoclip_per_param`` flag (older ones) is judged by its rows:
+    per-parameter rows are refused by a global AutoClip, and keys whose rows disagree by both
+    kinds, each time at the load, naming the rows found."""
+    params, ckpt = _autoclip_checkpoint(per_param=True)
+    del ckpt["state"]["clip"]["autoclip_per_param"]
+    other = ClippedOptimizer(torch.optim.SGD(params, lr=0.1), mode=AutoClip(history_length=4))
+    with pytest.raises(ValueError, match=r"AutoClip history has rows \[2\] across its keys; expected one in each$"):
+        other.load_state_dict(copy.deepcopy(ckpt))
+    ClippedOptimizer(torch.optim.SGD(params, lr=0.1), mode=AutoClip(per_param=True, history_length=4)).load_state_dict(
+        copy.deepcopy(ckpt)
+    )  # the kind it was kept with takes it
+    for per_param in (True, False):
+        params, ckpt = _autoclip_checkpoint(per_param)
+        clip = ckpt["state"]["clip"]
+        clip["autoclip_sorted"] = torch.cat([clip["autoclip_sorted"], clip["autoclip_sorted"]])
+        other = ClippedOptimizer(torch.optim.SGD(params, lr=0.1), mode=AutoClip(per_param=per_param, history_length=4))
+        want = "one per parameter" if per_param else "one"
+        rows = "1, 2" if not per_param else "2, 4"
+        with pytest.raises(ValueError, match=rf"has rows \[{rows}\] across its keys; expected {want} in each$"):
+            other.load_state_dict(ckpt)
 
 
 # -- GradScaler and fused inner optimizers -------------------------------------------------------
@@ -642,6 +905,49 @@ BAD_FIELDS = [
 def test_bad_policy_fields_fail_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+#: (policy, field, a value it refuses, what the message says is allowed)
+FIELD_ERRORS = [
+    (AGC, "clip_factor", 0.0, "expected a positive finite number"),
+    (AGC, "eps", math.inf, "expected a positive finite number"),
+    (AutoClip, "quantile", -0.1, r"expected a number in \[0, 1\]"),
+    (AutoClip, "history_length", 0, "expected an integer >= 1"),
+    (AutoClip, "per_param", 1, "expected True or False"),
+    (ZClip, "alpha", 0.0, r"expected a number in \(0, 1\)"),
+    (ZClip, "z_thresh", -2.5, "expected a positive finite number"),
+    (ZClip, "max_norm", 0.0, "expected a positive finite number"),
+    (ZClip, "warmup_steps", True, "expected an integer >= 1"),
+    (ZClip, "clip_option", "zscore", "expected one of 'adaptive_scaling', 'mean', 'percentile'"),
+    (ZClip, "clip_factor", math.nan, "expected a positive finite number"),
+    (ZClip, "skip_update_on_spike", "no", "expected True or False"),
+    (SpikeSkip, "sigma", 0, "expected a positive finite number"),
+    (SpikeSkip, "window", 2, r"expected an integer >= 3 \(norms in the rolling window\)"),
+]
+
+
+@pytest.mark.parametrize("cls,field,value,allowed", FIELD_ERRORS, ids=lambda v: getattr(v, "__name__", None))
+def test_a_bad_field_is_named_with_its_policy_value_and_what_is_allowed(cls, field, value, allowed):
+    """The message a user reads: ``<Policy>: invalid <field>=<value>; <what is allowed>``."""
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: invalid {field}={value!r}; {allowed}$"):
+        cls(**{field: value})
+
+
+def test_the_bounds_of_each_field_are_accepted():
+    """The allowed ends of each range are taken, and numbers are kept as floats."""
+    assert AutoClip(quantile=0, history_length=1).quantile == 0.0
+    assert AutoClip(quantile=1).quantile == 1.0 and type(AutoClip(quantile=1).quantile) is float
+    assert SpikeSkip(window=3, sigma=1).window == 3
+    assert type(SpikeSkip(sigma=1).sigma) is float and type(AGC(clip_factor=1, eps=1).eps) is float
+    z = ZClip(alpha=0.5, z_thresh=1, max_norm=2, warmup_steps=1, clip_factor=3)
+    assert (z.alpha, z.z_thresh, z.max_norm, z.warmup_steps, z.clip_factor) == (0.5, 1.0, 2.0, 1, 3.0)
+    assert all(type(v) is float for v in (z.alpha, z.z_thresh, z.max_norm, z.clip_factor))
+    assert type(AGC(clip_factor=1).clip_factor) is float and type(ZClip(alpha=Fraction(1, 2)).alpha) is float
+    # any integer type is kept as a Python int
+    sizes = AutoClip(history_length=np.int64(5)), ZClip(warmup_steps=np.int64(3)), SpikeSkip(window=np.int64(4))
+    assert [type(v) for v in (sizes[0].history_length, sizes[1].warmup_steps, sizes[2].window)] == [int] * 3
+    with pytest.raises(ValueError, match="alpha"):
+        ZClip(alpha=1)
 
 
 BAD = [

@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from clipped_optim import ClipGradScaler, ClippedOptimizer, clip_grad_norm, clip_grad_value
+from clipped_optim import AGC, AutoClip, ClipGradScaler, ClippedOptimizer, clip_grad_norm, clip_grad_value
 from clipped_optim.distributed import Sharding
 from clipped_optim.norms import GradBatch, tensor_norms, total_norm
+from clipped_optim.policy import run_policy
 from clipped_optim.stats import history_columns
 
 NORM_TYPES = [1.0, 2.0, math.inf]
@@ -43,6 +44,23 @@ def test_a_batch_keeps_the_owners_it_is_given():
     plain = GradBatch(grads)
     assert plain.params is None and plain.positions is None and plain.n_total is None
     assert plain.sharding is None
+
+
+def test_agc_on_a_batch_needs_the_parameters_beside_the_gradients():
+    """AGC's bound is a ratio of each weight's norm: run on a batch of gradients alone it
+    refuses, leaving them as they were; given the parameters it clips as timm does."""
+    grads = _grads()
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^mode=AGC\(\) needs the parameters beside the gradients$"):
+        run_policy(AGC(), (), 2.0, GradBatch(grads), None, True, cpu, {})
+    assert all(torch.equal(g, h) for g, h in zip(grads, _grads()))
+    params = [torch.ones_like(g) for g in grads]
+    run_policy(AGC(clip_factor=0.1), (), 2.0, GradBatch(grads, params=params), None, True, cpu, {})
+    for g, h, p in zip(grads, _grads(), params):  # each unit to at most 0.1 of its weight's norm
+        dims = tuple(range(1, g.ndim)) if g.ndim > 1 else None
+        torch.testing.assert_close(
+            g, h * torch.clamp(0.1 * p.norm(dim=dims, keepdim=True) / h.norm(dim=dims, keepdim=True), max=1.0)
+        )
 
 
 @pytest.fixture
@@ -176,3 +194,29 @@ def test_a_sharded_wrapper_over_one_process_unscales_an_opted_out_group_as_unsha
     (a, b), (c, d) = run(process_group=group_of_one), run()
     assert torch.equal(a, c) and torch.equal(b, d)
     assert torch.equal(b.grad, torch.full((2,), 2.0))  # unscaled, not clipped
+
+
+@pytest.mark.parametrize(
+    "mode,match",
+    [
+        (
+            "agc",
+            r"^ClippedOptimizer: mode=AGC\(\) on sharded gradients \(FSDP, DTensor, process_group=\) is not supported",
+        ),
+        (
+            AutoClip(per_param=True),
+            r"^ClippedOptimizer: AutoClip\(per_param=True\) on sharded gradients \(FSDP, DTensor, process_group=\) is not "
+            r"supported: the per-parameter norms are of local pieces\. Use per_param=False",
+        ),
+    ],
+)
+def test_the_per_unit_modes_refuse_sharded_gradients(group_of_one, mode, match):
+    """AGC and per-parameter AutoClip need each parameter's whole norm: under ``process_group=``
+    they refuse at the step, saying so, and leave the weights as they were."""
+    params = [torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.ones(2))]
+    opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.1), mode=mode, process_group=group_of_one)
+    for p in params:
+        p.grad = torch.full_like(p, 5.0)
+    with pytest.raises(NotImplementedError, match=match):
+        opt.step()
+    assert all(torch.equal(p, torch.ones_like(p)) for p in params)
