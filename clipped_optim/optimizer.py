@@ -522,7 +522,9 @@ class ClippedOptimizer(Optimizer):
         state = stats.restore_clip_state(loaded, cfg.mode_name, self._device(), cfg.history_size, cfg.top_k)
         n_params = sum(len(g["params"]) for g in self.param_groups)
         policy.check_policy_state(cfg.policy, cfg.policy_keys, state, n_params)
-        policy.check_policy_state(cfg.skip, cfg.skip_keys, state, n_params)
+        # a skip policy is asked from the total norm alone, with n_params=0 (policy.skip_gate):
+        # its state is checked as it was made
+        policy.check_policy_state(cfg.skip, cfg.skip_keys, state, 0)
         return state
 
     def named_grad_norms(self, named_parameters: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:

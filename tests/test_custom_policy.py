@@ -419,6 +419,38 @@ def test_old_checkpoint_loads_and_continues(name):
 
 
 # -- types: a user's checker catches a wrong field type ---------------------------------------------
+class RowSkip(ClipPolicy):
+    """A skip policy whose state has one row per parameter it was made for (``n_params``)."""
+
+    name = "rowskip"
+
+    def init_state(self, n_params, device):
+        return {"rowskip_seen": torch.zeros(n_params, device=device)}
+
+    def rule(self, norms, state):
+        return ClipDecision(skip=norms.total_norm > 1e9, state={"rowskip_seen": state["rowskip_seen"] + 1})
+
+
+def test_a_skip_policy_with_per_parameter_state_resumes_from_its_checkpoint():
+    """A skip policy is asked from the total norm alone, so its state is made for n_params=0:
+    a checkpoint of it is checked the same way, and loads."""
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        return model, ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), skip_spikes=RowSkip())
+
+    model, opt = make()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    _, fresh = make()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert_same_state_dict(fresh.state_dict(), opt.state_dict())
+
+
 SNIPPET = """
 import clipped_optim
 from median_policy import MedianClip
