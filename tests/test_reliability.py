@@ -221,19 +221,32 @@ def _lbfgs_problem():
     return model, x, y
 
 
-def test_lbfgs_nan_in_a_later_evaluation_is_skipped():
-    model, x, y = _lbfgs_problem()
-    opt = ClippedOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5), max_norm=1.0)
-    calls = [0]
+def _closure(opt, model, x, y, after_backward=None):
+    """A closure on the problem, and its evaluation count; ``after_backward(n)`` runs after the
+    ``n``-th evaluation's backward (n from 1), to poison, scale or clip its gradients, or raise."""
+    evals = [0]
 
     def closure():
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
-        calls[0] += 1
-        if calls[0] == 3:  # a later evaluation of the same step
-            model.weight.grad[0, 0] = math.nan
+        evals[0] += 1
+        if after_backward is not None:
+            after_backward(evals[0])
         return loss
+
+    return closure, evals
+
+
+def test_lbfgs_nan_in_a_later_evaluation_is_skipped():
+    model, x, y = _lbfgs_problem()
+    opt = ClippedOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5), max_norm=1.0)
+
+    def poison(n):
+        if n == 3:  # a later evaluation of the same step
+            model.weight.grad[0, 0] = math.nan
+
+    closure, calls = _closure(opt, model, x, y, poison)
 
     weights = [p.detach().clone() for p in model.parameters()]
     opt.step(closure)
@@ -256,16 +269,11 @@ class _Lbfgs:
         self.opt = ClippedOptimizer(inner, max_norm=1.0, nonfinite=nonfinite)
 
     def step(self, poison: bool = False) -> None:
-        evals = [0]
-
-        def closure():
-            self.opt.zero_grad()
-            loss = nn.functional.mse_loss(self.model(self.x), self.y)
-            loss.backward()
-            evals[0] += 1
-            if poison and evals[0] == 2:
+        def after_backward(n):
+            if poison and n == 2:
                 self.model.weight.grad[0, 0] = math.nan
-            return loss
+
+        closure, evals = _closure(self.opt, self.model, self.x, self.y, after_backward)
 
         try:
             self.opt.step(closure)
@@ -307,18 +315,14 @@ def test_lbfgs_closure_that_raises_in_the_line_search(nonfinite):
         model, x, y = _lbfgs_problem()
         inner = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
         opt = ClippedOptimizer(inner, max_norm=1.0, nonfinite=nonfinite) if wrap else inner
-        evals = [0]
 
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            evals[0] += 1
-            if evals[0] == 3:  # LBFGS's third call, with or without the wrapper
+        def after_backward(n):
+            if n == 3:  # LBFGS's third call, with or without the wrapper
                 raise RuntimeError("data loader failed")
             if not wrap:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            return loss
+
+        closure, _ = _closure(opt, model, x, y, after_backward)
 
         before = [p.detach().clone() for p in model.parameters()]
         with pytest.raises(RuntimeError, match="data loader failed"):
@@ -334,14 +338,7 @@ def test_lbfgs_closure_that_raises_in_the_line_search(nonfinite):
 def test_lbfgs_adaptive_state_advances_once_per_step():
     model, x, y = _lbfgs_problem()
     opt = ClippedOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), mode=ZClip(warmup_steps=3))
-    evals = [0]
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        evals[0] += 1
-        return loss
+    closure, evals = _closure(opt, model, x, y)
 
     for step in range(2):
         opt.step(closure)
@@ -359,17 +356,13 @@ def test_lbfgs_spike_detector_judges_a_step_by_its_first_evaluation():
         max_norm=1e-3,
         skip_spikes=SpikeSkip(sigma=3.0, window=3),
     )
-    evals = [0]
 
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        evals[0] += 1
-        if evals[0] > 1:
+    def scale(n):
+        if n > 1:
             for p in model.parameters():
                 p.grad.mul_(1e3)
-        return loss
+
+    closure, evals = _closure(opt, model, x, y, scale)
 
     for _ in range(6):
         evals[0] = 0
@@ -385,18 +378,8 @@ def test_lbfgs_matches_clipping_inside_the_closure():
     opt = ClippedOptimizer(torch.optim.LBFGS(a.parameters(), lr=0.5, max_iter=4), max_norm=0.1)
     ref = torch.optim.LBFGS(b.parameters(), lr=0.5, max_iter=4)
 
-    def closure_a():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(a(x), y)
-        loss.backward()
-        return loss
-
-    def closure_b():
-        ref.zero_grad()
-        loss = nn.functional.mse_loss(b(x), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(b.parameters(), 0.1)
-        return loss
+    closure_a, _ = _closure(opt, a, x, y)
+    closure_b, _ = _closure(ref, b, x, y, lambda n: torch.nn.utils.clip_grad_norm_(b.parameters(), 0.1))
 
     for _ in range(3):
         opt.step(closure_a)
