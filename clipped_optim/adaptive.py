@@ -503,13 +503,13 @@ def _zclip_clip_value(policy: ZClip, state: ZClipState, g: Tensor) -> tuple[Tens
     return torch.where(spike, threshold, g), spike
 
 
-def zclip_update_host(policy: ZClip, state: ZClipState, g: float) -> tuple[float, bool, ZClipState]:
+def zclip_update_host(policy: ZClip, state: ZClipState, g: float, seen: int) -> tuple[float, bool, ZClipState]:
     """:func:`zclip_update` for a state in host memory (a CPU step, :attr:`StepNorms.host`),
     deciding in Python: the same IEEE double arithmetic in the same order (``+ - * /`` are
     correctly rounded in both, and the square root is torch's), so the same bits, at a few
     microseconds where the device path dispatches some 40 tensor ops. Only the tensors that
-    change are new."""
-    seen, mean, var = int(state.seen), float(state.mean), float(state.var)
+    change are new. ``seen`` is ``state.seen``, read by the caller."""
+    mean, var = float(state.mean), float(state.var)
     std = float(state.var.sqrt())  # torch's sqrt, as on the device (see spike_test_host)
     warm = seen < policy.warmup_steps
     cap = math.inf if policy.max_norm is None else policy.max_norm
@@ -631,9 +631,8 @@ class ZClip(ClipPolicy):
 
     def _rule_on_host(self, total: Tensor, old: ZClipState, znorm: Tensor) -> ClipDecision:
         """:meth:`rule` deciding in Python floats (:attr:`StepNorms.host`): the same numbers."""
-        g = float(znorm)
-        bound, _spike, new = zclip_update_host(self, old, g)
-        seen = int(old.seen)
+        g, seen = float(znorm), int(old.seen)
+        bound, _spike, new = zclip_update_host(self, old, g, seen)
         if seen < self.warmup_steps:  # the warm-up: clip_grad_norm_'s float32 formula, as on the device
             coef = global_norm_coef(total, math.inf if self.max_norm is None else self.max_norm)
         else:
