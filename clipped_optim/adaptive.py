@@ -32,7 +32,6 @@ References:
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -42,7 +41,7 @@ from torch import Tensor
 
 from . import _checks as check
 from ._tensors import arange, flag, scalar_like
-from .modes import EPS, global_norm_coef
+from .modes import EPS, HOST_DTYPES, global_norm_coef, rounded_as
 from .norms import GradBatch, tensor_norms
 from .policy import ClipDecision, ClipPolicy, StepNorms, check_like
 
@@ -236,11 +235,6 @@ def quantile_sorted(sorted_: Tensor, count: Tensor, q: float) -> Tensor:
     return torch.where(some, value, torch.full_like(value, math.inf))
 
 
-#: The dtypes whose arithmetic the host paths reproduce exactly (Python floats are doubles;
-#: float32 is one rounding of the double result away).
-_HOST_DTYPES = (torch.float32, torch.float64)
-
-
 def quantile_sorted_host(row: Tensor, count: int, q: float) -> Tensor:
     """:func:`quantile_sorted` of one ascending row in host memory (:attr:`StepNorms.host`),
     0-dim: the rank is computed on the host, rounded to the row's dtype as on the device (an
@@ -282,7 +276,7 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
     """``value`` (>= 0) rounded to ``dtype`` (float32 or float64) as a tensor of that dtype
     holds it, and at most its largest finite value (see :func:`sorted_ring_push`)."""
     # native "f" packs as a C cast: to nearest, inf beyond the range (then clamped)
-    return min(_round(value, dtype), torch.finfo(dtype).max)
+    return min(rounded_as(value, dtype), torch.finfo(dtype).max)
 
 
 def _coef_host(total: Tensor, norm: float, threshold: Tensor) -> Tensor:
@@ -291,15 +285,9 @@ def _coef_host(total: Tensor, norm: float, threshold: Tensor) -> Tensor:
     it (``+ * /`` are correctly rounded, so rounding the double result once gives the float32
     one), then made a tensor once."""
     dtype, own = torch.promote_types(total.dtype, threshold.dtype), total.dtype
-    x = _round(_round(norm, own) + _round(EPS, own), own)
-    c = _round(_round(1.0 / x, own) * float(threshold), dtype)
+    x = rounded_as(rounded_as(norm, own) + rounded_as(EPS, own), own)
+    c = rounded_as(rounded_as(1.0 / x, own) * float(threshold), dtype)
     return torch.full((), c if not c > 1.0 else 1.0, dtype=dtype, device=total.device)
-
-
-def _round(value: float, dtype: torch.dtype) -> float:
-    """``value`` rounded to float32 as a float32 tensor holds it (``inf`` past its range), or
-    unchanged for float64."""
-    return value if dtype == torch.float64 else struct.unpack("f", struct.pack("f", value))[0]
 
 
 def _coef(norm: Tensor, threshold: Tensor) -> Tensor:
@@ -362,7 +350,7 @@ class AutoClip(ClipPolicy):
 
     def rule(self, norms: StepNorms, state: Mapping[str, Any]) -> ClipDecision:
         ring, sorted_, count = state["autoclip_ring"], state["autoclip_sorted"], state["autoclip_count"]
-        if not self.per_param and norms.host and ring.dtype in _HOST_DTYPES:
+        if not self.per_param and norms.host and ring.dtype in HOST_DTYPES:
             return self._rule_on_host(norms.total_norm, ring, sorted_, count)
         if not self.per_param:
             threshold = quantile_sorted(sorted_, count, self.quantile)[0]
@@ -401,7 +389,7 @@ class AutoClip(ClipPolicy):
         if math.isfinite(norm):  # else the step is not accepted, and its state not kept
             ring, sorted_ = sorted_ring_push_host(ring, sorted_, seen, norm)
             new = dict(autoclip_ring=ring, autoclip_sorted=sorted_, autoclip_count=count + 1)
-        exact = total.dtype in _HOST_DTYPES and threshold.dtype in _HOST_DTYPES
+        exact = total.dtype in HOST_DTYPES and threshold.dtype in HOST_DTYPES
         coef = _coef_host(total, norm, threshold) if exact else _coef(total, threshold)
         return ClipDecision(coef=coef, threshold=threshold, state=new)
 

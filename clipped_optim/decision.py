@@ -84,12 +84,23 @@ class StepGate:
 
     def __call__(self, total: Tensor) -> tuple[Tensor | None, Tensor]:
         """``(hold, accept)`` for the pre-clip total norm ``total`` (see ``modes.Gate``)."""
+        return self._decide(total, None)
+
+    def on_host(self, total: Tensor, value: float) -> Tensor | None:
+        """``hold`` for ``total``, whose value the caller read on the host (a CPU step): the
+        common case then costs no tensor op at all."""
+        return self._decide(total, value)[0]
+
+    def _decide(self, total: Tensor, value: float | None) -> tuple[Tensor | None, Tensor]:
         if self.sharding is not None:
             self.poison = distributed.unclipped_poison(total, self.sharding)
         everything = total if self.poison is None else total + self.poison
-        # A norm is >= 0 or NaN (the poison is 0 or NaN), so it is finite exactly where it is
-        # below inf: one op, where isfinite is three, on every step.
-        finite = torch.lt(everything, math.inf)
+        if value is not None and self.poison is None:  # read on the host already
+            finite = flag(value < math.inf, total.device)
+        else:
+            # A norm is >= 0 or NaN (the poison is 0 or NaN), so it is finite exactly where it
+            # is below inf: one op, where isfinite is three, on every step.
+            finite = torch.lt(everything, math.inf)
         total_finite = finite if self.poison is None else torch.lt(total, math.inf)
         found = self.found_inf
         if self.reporter is not None:  # under ClipGradScaler: the overflow flag is ours to write
@@ -106,8 +117,10 @@ class StepGate:
             # the common case: the step is held exactly when it is not finite (with opted-out
             # groups, a held step's norm may be finite: it must not enter an adaptive history)
             self.proceeded = finite
+            if value is not None and self.poison is None:
+                return self._decided_on_host(finite, not value < math.inf)
             if policy.on_host(finite.device):
-                return self._decided_on_host(finite)
+                return self._decided_on_host(finite, not bool(finite))
             self.hold = self.nonfinite = ~finite
             return self.hold, finite
         # hold is None when nothing can stop the step (propagate, no GradScaler, no spikes)
@@ -130,11 +143,12 @@ class StepGate:
             self.proceeded = accept
         return hold, accept
 
-    def _decided_on_host(self, finite: Tensor) -> tuple[Tensor | None, Tensor]:
+    def _decided_on_host(self, finite: Tensor, held: bool) -> tuple[Tensor | None, Tensor]:
         """The common case on a CPU, where reading ``finite`` is a load from memory (and the
         wrapper reads the decision anyway): the flags are constants, and a step that proceeds
-        hands the mode no ``hold`` at all, so it multiplies by its coefficient with no where()."""
-        held = self._held = not bool(finite)
+        hands the mode no ``hold`` at all, so it multiplies by its coefficient with no where().
+        ``held`` is ``not finite``, read on the host."""
+        self._held = held
         self.hold = self.nonfinite = flag(held, finite.device)
         self._skip = flag(held, finite.device, torch.float32)
         return (self.hold if held else None), finite
@@ -144,6 +158,11 @@ class StepGate:
         cfg = self.config
         assert cfg.skip is not None  # skip_spikes is True exactly when it is set
         return policy.skip_gate(cfg.skip, cfg.skip_keys, self.clip_state, total, enter, cfg.norm_type)
+
+    def held_on_host(self) -> bool | None:
+        """Whether the step is held, where the gate decided on the host (a CPU step), else
+        None. Only non-finite gradients hold a step decided there: held is also not finite."""
+        return self._held
 
     def held(self) -> bool:
         """Whether the step is held, read on the host (once: the gate may have read it)."""

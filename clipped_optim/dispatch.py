@@ -18,7 +18,7 @@ from . import modes
 from .config import ClipConfig
 from .modes import ClipResult, Gate
 from .norms import GradBatch
-from .policy import run_policy
+from .policy import on_host, run_policy
 
 __all__ = ["run_mode", "SCALAR_MODES", "is_scalar"]
 
@@ -30,7 +30,14 @@ def _norm(
 ) -> ClipResult:
     assert cfg.max_norm is not None  # ClipConfig requires it for this mode
     return modes.clip_grad_norm(
-        batch, cfg.max_norm, cfg.norm_type, grad_scale=grad_scale, apply=apply, device=device, gate=gate
+        batch,
+        cfg.max_norm,
+        cfg.norm_type,
+        grad_scale=grad_scale,
+        apply=apply,
+        device=device,
+        gate=gate,
+        host=on_host(device),
     )
 
 

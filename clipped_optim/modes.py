@@ -17,6 +17,7 @@ References:
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -26,7 +27,17 @@ from torch import Tensor
 from ._tensors import scalar_like
 from .norms import GradBatch, as_batch, clamp_, scale_, scale_each_, tensor_norms, total_norm
 
-__all__ = ["ClipResult", "Gate", "clip_grad_norm", "clip_grad_value", "clip_grad_norm_per_param", "held", "EPS"]
+__all__ = [
+    "ClipResult",
+    "Gate",
+    "clip_grad_norm",
+    "clip_grad_value",
+    "clip_grad_norm_per_param",
+    "held",
+    "EPS",
+    "global_norm_coef_host",
+    "rounded_as",
+]
 
 #: Added to the norm before dividing, as ``torch.nn.utils.clip_grads_with_norm_`` does:
 #: it keeps an all-zero gradient from producing 0/0, and makes parity with torch exact.
@@ -67,6 +78,16 @@ def open_gate(gate: Gate | None, total: Tensor) -> tuple[Tensor | None, Tensor]:
     return (None, torch.isfinite(total)) if gate is None else gate(total)
 
 
+def _held_on_host(gate: Gate | None, total: Tensor, value: float) -> bool:
+    """Whether the gate holds the step, for a total norm whose value was read on the host (a
+    CPU step): a gate that can take the value decides without a tensor op."""
+    if gate is None:
+        return False
+    host_call = getattr(gate, "on_host", None)
+    hold = host_call(total, value) if host_call is not None else gate(total)[0]
+    return hold is not None and bool(hold)
+
+
 def held(coef: Tensor, hold: Tensor | None) -> Tensor:
     """``coef``, or 1 where ``hold``: the coefficient of a step that will not proceed, which
     leaves the gradients bit-identical (a ``where`` on the device, not a host branch)."""
@@ -98,6 +119,32 @@ def global_norm_coef(total: Tensor, max_norm: float | Tensor) -> Tensor:
     return torch.clamp(max_norm / (total + EPS), max=1.0)
 
 
+#: The dtypes whose arithmetic the host paths reproduce exactly (Python floats are doubles,
+#: and float32 is one rounding of the double result away).
+HOST_DTYPES = (torch.float32, torch.float64)
+
+
+def rounded_as(value: float, dtype: torch.dtype) -> float:
+    """``value`` as a 0-dim tensor of ``dtype`` (float32 or float64) holds it: rounded to the
+    nearest float32 (``inf`` past its range), or unchanged for float64."""
+    # native "f" packs as a C cast: to nearest, inf beyond the range
+    return value if dtype == torch.float64 else struct.unpack("f", struct.pack("f", value))[0]
+
+
+def global_norm_coef_host(total: float, max_norm: float, dtype: torch.dtype) -> float:
+    """:func:`global_norm_coef` of a total norm of ``dtype`` whose value was read on the host
+    (a CPU step), in Python floats: the same bits, with no tensor op.
+
+    torch computes ``max_norm / (total + EPS)`` as ``(total + EPS).reciprocal() * max_norm``,
+    each op rounded to ``dtype`` with the Python numbers converted to it first. ``+ * /`` are
+    correctly rounded in double, and double has more than twice float32's precision, so
+    rounding the double result once gives the float32 op's result.
+    """
+    x = rounded_as(rounded_as(total, dtype) + rounded_as(EPS, dtype), dtype)
+    coef = rounded_as(rounded_as(1.0 / x, dtype) * rounded_as(max_norm, dtype), dtype)
+    return coef if not coef > 1.0 else 1.0  # NaN stays NaN, as in clamp
+
+
 def clip_grad_norm(
     grads: Tensor | Sequence[Tensor] | GradBatch,
     max_norm: float | Tensor,
@@ -108,6 +155,7 @@ def clip_grad_norm(
     apply: bool = True,
     device: torch.device | None = None,
     gate: Gate | None = None,
+    host: bool = False,
 ) -> ClipResult:
     """Scale the gradients so that their global ``norm_type``-norm is at most ``max_norm``.
 
@@ -116,16 +164,46 @@ def clip_grad_norm(
     ``clip_coef`` (e.g. folded into a fused optimizer's ``grad_scale``). ``grads`` may be one
     tensor (one gradient) and ``norm_type`` the string ``"inf"``, as in torch.
 
+    ``host=True`` says the norms are in host memory (a CPU step): the total is then read once
+    and the coefficient computed in Python floats (the same bits, see
+    :func:`global_norm_coef_host`), and a coefficient of exactly 1 multiplies nothing.
+
     References:
         Pascanu et al., "On the difficulty of training recurrent neural networks", ICML 2013.
     """
     batch = as_batch(grads, foreach)
     dev = _device(batch, device)
     total, stacked = _measure(batch, float(norm_type), grad_scale, dev)
+    if host and total.dtype in HOST_DTYPES and not isinstance(max_norm, Tensor):
+        return _clip_on_host(batch, total, stacked, max_norm, grad_scale, apply, gate)
     hold, _ = open_gate(gate, total)
     coef = global_norm_coef(total, max_norm)
     if apply:
         scale_(batch, unscaled(held(coef, hold), grad_scale, dev))
+    return ClipResult(total, coef, stacked, scalar_like(max_norm, total))
+
+
+def _clip_on_host(
+    batch: GradBatch,
+    total: Tensor,
+    stacked: Tensor,
+    max_norm: float,
+    grad_scale: Tensor | None,
+    apply: bool,
+    gate: Gate | None,
+) -> ClipResult:
+    """:func:`clip_grad_norm` with the total read on the host: four 0-dim ops (and the gate's
+    compare) become Python arithmetic, and only the recorded coefficient is made a tensor."""
+    value = total.item()
+    hold = _held_on_host(gate, total, value)
+    c = global_norm_coef_host(value, max_norm, total.dtype)
+    # 1.0, the common unclipped case, is a kept constant (read-only, as the threshold)
+    coef = scalar_like(1.0, total) if c == 1.0 else torch.full((), c, dtype=total.dtype, device=total.device)
+    if apply and grad_scale is not None:  # unscaled even when held, as on the device
+        scale_(batch, unscaled(scalar_like(1.0, total) if hold else coef, grad_scale, total.device))
+    elif apply and not hold and c != 1.0:  # x * 1.0 is x: such a step need not multiply
+        # by the tensor: the foreach multiply by a Python number is ~4x slower on a CPU
+        scale_(batch, coef)
     return ClipResult(total, coef, stacked, scalar_like(max_norm, total))
 
 

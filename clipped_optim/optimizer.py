@@ -324,7 +324,17 @@ class ClippedOptimizer(Optimizer):
         skip = gate.skip if "history" in state else None  # the float flag, shared with a fused kernel
         # Sharded, param_norms are of this rank's pieces, not of whole parameters: no attribution.
         attribute = self._reduction is None
-        self._recorder(state, pending.result, gate.finite, gate.hold, gate.nonfinite, gate.proceeded, skip, attribute)
+        self._recorder(
+            state,
+            pending.result,
+            gate.finite,
+            gate.hold,
+            gate.nonfinite,
+            gate.proceeded,
+            skip,
+            attribute,
+            held=gate.held_on_host(),
+        )
 
     def _clip_and_record(self, grad_scale: Tensor | None, found_inf: Tensor | None, fold: bool):
         """Everything a step does besides the inner step, with no host sync (it compiles with

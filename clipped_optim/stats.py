@@ -253,6 +253,7 @@ class Recorder:
         "_index",
         "_top",
         "_top_k",
+        "_increments",
     )
 
     def __init__(self) -> None:
@@ -275,6 +276,7 @@ class Recorder:
         history = state.get("history")
         self._new_row(0 if history is None else top_k_of(history), device)
         self._index = torch.zeros(1, dtype=torch.int64, device=device)
+        self._increments: dict[tuple[bool, bool], Tensor] = {}
         return counters
 
     def _new_row(self, top_k: int, device: torch.device) -> None:
@@ -293,18 +295,26 @@ class Recorder:
         proceeded: Tensor | None = None,
         skip: Tensor | None = None,
         attribute: bool = True,
+        held: bool | None = None,
     ) -> None:
         """Record one step. ``finite``/``skipped`` are 0-dim bools; ``nonfinite`` (``~finite``),
         ``proceeded`` (``finite & ~skipped``) and ``skip`` (``skipped`` as a float) may be
         passed when the caller has them. ``attribute=False`` records no top contributors
-        (their columns say "unknown"): for norms that are not those of whole parameters."""
+        (their columns say "unknown"): for norms that are not those of whole parameters.
+        ``held``: ``skipped`` read on the host, for a step whose only reason to be skipped was
+        non-finite gradients (a CPU step's common case; then ``nonfinite`` is ``skipped``)."""
         counters = self._bind(state)
+        on_host = held is not None and counters is not None
         if "history" in state:
-            self._write_history(state, counters, result, skipped, skip, attribute)
+            self._write_history(state, counters, result, skipped, skip, attribute, on_host)
         state["grad_norm"] = result.total_norm
         state["clip_coef"] = result.clip_coef
         state["threshold"] = result.threshold
         state["param_norms"] = result.param_norms
+        if on_host:  # the values are in host memory: one add of a kept increment, no compare
+            assert held is not None and counters is not None
+            counters.add_(self._increment(not held and result.clip_coef.item() < 1.0, held))
+            return
         nonfinite = ~finite if nonfinite is None else nonfinite
         proceeded = finite & ~skipped if proceeded is None else proceeded
         # "clipped" is coef < 1 on a step that proceeded: a bool compares as 0/1, and a
@@ -317,6 +327,15 @@ class Recorder:
         else:
             counters.add_(torch.stack([self._true, clipped, skipped, nonfinite]))
 
+    def _increment(self, clipped: bool, held: bool) -> Tensor:
+        """The counters' increment ``[1, clipped, skipped, nonfinite]`` of a step decided on
+        the host, made once per value (read-only)."""
+        key = (clipped, held)
+        if key not in self._increments:
+            assert self._counters is not None
+            self._increments[key] = torch.tensor([1, clipped, held, held], dtype=torch.int64).to(self._counters.device)
+        return self._increments[key]
+
     def _write_history(
         self,
         state: dict[str, Any],
@@ -325,6 +344,7 @@ class Recorder:
         skipped: Tensor,
         skip: Tensor | None,
         attribute: bool,
+        on_host: bool = False,
     ) -> None:
         """Write this step's row (:func:`history_columns`) at row ``steps % history_size``."""
         history = state["history"]
@@ -340,6 +360,9 @@ class Recorder:
             return
         if self._row.shape[1] != history.shape[1]:  # a history swapped for one of another width
             self._new_row(top_k, history.device)
+        if on_host and not top_k:  # the row's index read on the host: stacked straight into it
+            torch.stack(columns, out=history[self._steps.item() % history.shape[0]])
+            return
         torch.stack(columns, out=self._columns)
         if top_k:
             self._write_top(norms, top_k)

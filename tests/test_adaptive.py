@@ -519,7 +519,13 @@ def test_a_cpu_step_decides_on_the_host_unless_told_not_to(kw, device_only, host
     assert int(opt.state["clip"]["steps"]) == 8
 
 
-PATH_CASES = [dict(mode=ZClip(**kw)) for kw in ZCLIP_CASES] + [
+PATH_CASES = [
+    dict(),  # the default norm mode: its total is read on the host too
+    dict(max_norm=0.05, nonfinite="propagate", top_k=2),
+    dict(max_norm=0.05, norm_type=1.0, history_size=0),
+    dict(max_norm=1e4, norm_type="inf"),  # never clipped: the host multiplies nothing
+]
+PATH_CASES += [dict(mode=ZClip(**kw)) for kw in ZCLIP_CASES] + [
     dict(mode=AutoClip(history_length=7)),
     dict(mode=AutoClip(quantile=0.5, history_length=1)),
     dict(mode=AutoClip(quantile=1.0, history_length=4), nonfinite="propagate"),

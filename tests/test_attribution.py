@@ -219,7 +219,8 @@ def test_a_checkpoint_with_another_top_k_keeps_what_fits():
     assert (h5[:, 12:] == -1).all() and (h5[:, 7:9] == 0).all()
 
 
-def test_recording_the_attribution_does_not_sync(monkeypatch):
+def test_recording_the_attribution_does_not_sync(monkeypatch, device_path):
+    """On the device path (an accelerator's; a CPU step reads its values on the host)."""
     model = _model()
     opt = ClippedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), nonfinite="propagate")
     _train(opt, model, steps=2)

@@ -63,8 +63,9 @@ def test_percentiles_match_torch_quantile():
         assert v == pytest.approx(float(torch.quantile(t, q / 100)), rel=1e-5)
 
 
-def test_recording_the_history_does_not_sync(monkeypatch):
-    """With nonfinite='propagate' a step has no host sync; the history must not add one."""
+def test_recording_the_history_does_not_sync(monkeypatch, device_path):
+    """With nonfinite='propagate' a step has no host sync on the device path (an accelerator's;
+    a CPU step reads its values on the host); the history must not add one."""
     p, opt = _opt(history_size=5, nonfinite="propagate")
     _step(p, opt, 1.0)  # state created
 

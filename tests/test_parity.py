@@ -92,3 +92,91 @@ def _check_parity(row, mode, norm_type, dtype):
     assert int(ours.state["clip"]["steps"]) == len(prob.batches)
     # The problem is built so that the bound binds on some steps and not on others.
     assert 0 < int(ours.state["clip"]["clipped_steps"]) < len(prob.batches)
+
+
+# -- the norm mode's host path (a CPU step reads its total norm and decides in Python floats)
+def _edge_totals(dtype: torch.dtype) -> torch.Tensor:
+    """Random norms over many magnitudes, and the edges: 0, the smallest numbers, values next to
+    the bound, the largest finite one, inf and NaN."""
+    gen = torch.Generator().manual_seed(11)
+    info = torch.finfo(dtype)
+    spread = torch.exp(torch.empty(20000, dtype=torch.float64).uniform_(-40, 40, generator=gen))
+    near = torch.tensor([1.0, 0.5, 2.0, 3.3]).double()
+    near = torch.cat([near, torch.nextafter(near, near + 1), torch.nextafter(near, near - 1)])
+    edges = torch.tensor([0.0, info.tiny, info.smallest_normal / 4, info.eps, info.max, INF, float("nan")])
+    return torch.cat([spread, near - 1e-6, near, edges.double()]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_the_host_coefficient_equals_the_tensor_ops(dtype):
+    """The host coefficient has the bits of torch's four ops, for every norm and bound tried."""
+    from clipped_optim.modes import global_norm_coef, global_norm_coef_host
+
+    totals = _edge_totals(dtype)
+    for max_norm in (1.0, 0.5, 1e-3, 3.3, 0.1, 7e5, 1e-30):
+        want = global_norm_coef(totals, max_norm)
+        got = torch.tensor([global_norm_coef_host(t, max_norm, dtype) for t in totals.tolist()], dtype=dtype)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, INF])
+def test_the_norm_mode_matches_torch_on_both_paths(dtype, norm_type, rule_path):
+    """Each gradient bit for bit as ``clip_grad_norm_`` leaves it, on the host and the device
+    path, for clipped and unclipped steps (an unclipped one multiplies nothing on the host, which
+    must be the same as multiplying by exactly 1), with the same statistics."""
+    gen = torch.Generator().manual_seed(5)
+    params, refs = _pair([(7, 3), (5,), (2, 3, 4), (1,)], dtype)
+    kinds = set()
+    for max_norm in (1e-3, 0.7, 1.0, 3.3, 1e6):
+        opt = ClippedOptimizer(torch.optim.SGD(params, lr=0.0), max_norm=max_norm, norm_type=norm_type)
+        clipped = 0
+        for scale in (0.01, 1.0, 30.0, 0.3):
+            _set_grads(params, refs, scale, gen)
+            want = torch.nn.utils.clip_grad_norm_(refs, max_norm, norm_type)
+            want_coef = torch.clamp(max_norm / (want + 1e-6), max=1.0)
+            clipped += bool(want_coef < 1)
+            kinds.add(bool(want_coef < 1))
+            opt.step()
+            for p, r in zip(params, refs):
+                assert torch.equal(p.grad, r.grad)
+            state = opt.state["clip"]
+            assert torch.equal(state["grad_norm"], want) and torch.equal(state["clip_coef"], want_coef)
+            assert int(state["clipped_steps"]) == clipped
+            row = torch.stack([want, state["threshold"], want_coef]).float()
+            assert torch.equal(state["history"][int(state["steps"]) - 1, :3], row)
+    assert kinds == {True, False}  # clipped and unclipped steps were both met
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_gradients_take_the_same_bits_on_both_paths(dtype, monkeypatch):
+    """Half-precision norms accumulate in float32 (not torch's way, so no torch reference): the
+    host path must still give the device path's bits, with AMP's scale folded in or not."""
+    from clipped_optim import policy
+
+    gen = torch.Generator().manual_seed(6)
+    pairs = [_pair([(7, 3), (5,), (2, 3, 4)], dtype) for _ in range(2)]
+    opts = [ClippedOptimizer(torch.optim.SGD(ps, lr=0.0), max_norm=0.5) for ps, _ in pairs]
+    for scale in (0.01, 1.0, 30.0, float("nan"), 0.3):
+        grads = [(torch.randn(p.shape, generator=gen) * scale).to(dtype) for p in pairs[0][0]]
+        for host, (params, _), opt in zip((True, False), pairs, opts):
+            monkeypatch.setattr(policy, "HOST_SCALARS", host)
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        for p, q in zip(pairs[0][0], pairs[1][0]):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, equal_nan=True)
+        for key in ("grad_norm", "clip_coef", "steps", "clipped_steps", "skipped_steps", "history"):
+            a, b = opts[0].state["clip"][key], opts[1].state["clip"][key]
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert int(opts[0].state["clip"]["skipped_steps"]) == 1
+
+
+def _pair(shapes, dtype):
+    return tuple([torch.zeros(s, dtype=dtype, requires_grad=True) for s in shapes] for _ in range(2))
+
+
+def _set_grads(params, refs, scale, gen):
+    for p, r in zip(params, refs):
+        g = (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
+        p.grad, r.grad = g.clone(), g.clone()
