@@ -86,10 +86,10 @@ class StepGate:
         """``(hold, accept)`` for the pre-clip total norm ``total`` (see ``modes.Gate``)."""
         return self._decide(total, None)
 
-    def on_host(self, total: Tensor, value: float) -> Tensor | None:
-        """``hold`` for ``total``, whose value the caller read on the host (a CPU step): the
+    def on_host(self, total: Tensor, value: float) -> tuple[Tensor | None, Tensor]:
+        """The call for ``total``, whose value the caller read on the host (a CPU step): the
         common case then costs no tensor op at all."""
-        return self._decide(total, value)[0]
+        return self._decide(total, value)
 
     def _decide(self, total: Tensor, value: float | None) -> tuple[Tensor | None, Tensor]:
         if self.sharding is not None:

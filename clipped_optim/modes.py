@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._tensors import scalar_like
+from ._tensors import flag, scalar_like
 from .norms import GradBatch, as_batch, clamp_, scale_, scale_each_, tensor_norms, total_norm
 
 __all__ = [
@@ -78,14 +78,13 @@ def open_gate(gate: Gate | None, total: Tensor) -> tuple[Tensor | None, Tensor]:
     return (None, torch.isfinite(total)) if gate is None else gate(total)
 
 
-def _held_on_host(gate: Gate | None, total: Tensor, value: float) -> bool:
-    """Whether the gate holds the step, for a total norm whose value was read on the host (a
-    CPU step): a gate that can take the value decides without a tensor op."""
-    if gate is None:
-        return False
+def open_gate_on_host(gate: Gate | None, total: Tensor, value: float) -> tuple[Tensor | None, Tensor]:
+    """:func:`open_gate` for a total norm whose value was read on the host (a CPU step): a gate
+    that can take the value (``gate.on_host``) decides without a tensor op."""
+    if gate is None:  # a norm is >= 0 or NaN: finite exactly where below inf
+        return None, flag(value < math.inf, total.device)
     host_call = getattr(gate, "on_host", None)
-    hold = host_call(total, value) if host_call is not None else gate(total)[0]
-    return hold is not None and bool(hold)
+    return host_call(total, value) if host_call is not None else gate(total)
 
 
 def held(coef: Tensor, hold: Tensor | None) -> Tensor:
@@ -195,7 +194,8 @@ def _clip_on_host(
     """:func:`clip_grad_norm` with the total read on the host: four 0-dim ops (and the gate's
     compare) become Python arithmetic, and only the recorded coefficient is made a tensor."""
     value = total.item()
-    hold = _held_on_host(gate, total, value)
+    hold_flag, _ = open_gate_on_host(gate, total, value)
+    hold = hold_flag is not None and bool(hold_flag)
     c = global_norm_coef_host(value, max_norm, total.dtype)
     # 1.0, the common unclipped case, is a kept constant (read-only, as the threshold)
     coef = scalar_like(1.0, total) if c == 1.0 else torch.full((), c, dtype=total.dtype, device=total.device)

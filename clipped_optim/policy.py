@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ._tensors import empty, index_tensor
-from .modes import ClipResult, Gate, _device, _measure, held, open_gate, unscaled
+from .modes import ClipResult, Gate, _device, _measure, held, open_gate, open_gate_on_host, unscaled
 from .norms import GradBatch, scale_, scale_each_
 from .stats import check_tensor
 
@@ -284,7 +284,8 @@ def run_policy(
     where accepted, and clip by its coefficient (a scalar one only if ``apply``)."""
     dev = _device(batch, device)
     total, stacked = _measure(batch, norm_type, grad_scale, dev)
-    hold, accept = open_gate(gate, total)
+    host = on_host(dev)
+    hold, accept = open_gate_on_host(gate, total, total.item()) if host else open_gate(gate, total)
     n_params = batch.n_total if batch.n_total is not None else len(batch)
     state = _state(policy, keys, clip_state, n_params, dev)
     positions = range(len(batch)) if batch.positions is None else batch.positions
@@ -299,7 +300,7 @@ def run_policy(
         grad_scale,
         batch.sharding is not None,
         dev,
-        on_host(dev),
+        host,
     )
     decision = policy.rule(norms, state)
     if decision.coef is None or decision.threshold is None or decision.skip is not None:
