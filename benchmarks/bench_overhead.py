@@ -26,7 +26,8 @@ Each round sets fresh gradient tensors (``p.grad = saved.clone()``, untimed: wha
 views, which that ``zero_grad()`` keeps), then times every variant once, in a shuffled order. Each
 variant's time is divided by its baseline's in the same round (a paired ratio); the tables show
 median times and the median paired ratio, so a slow-down of the shared machine hits both sides
-of a ratio alike. One intra-op thread (``--threads``) unless asked: on a shared 2-core machine a
+of a ratio alike, with a 95% confidence interval of that median (order statistics: it says
+how far another run on the same machine may land). One intra-op thread (``--threads``) unless asked: on a shared 2-core machine a
 second thread waits for a descheduled sibling.
 """
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import statistics
 import subprocess
 import sys
@@ -202,6 +204,7 @@ def bench(workload: str, specs, rounds: int, warmup: int) -> list[dict]:
         base = by_name[v.baseline].times
         ratios = [t / b for t, b in zip(v.times, base)]
         diffs = [t - b for t, b in zip(v.times, base)]
+        lo, hi = median_interval(ratios)
         rows.append(
             dict(
                 workload=workload,
@@ -209,10 +212,21 @@ def bench(workload: str, specs, rounds: int, warmup: int) -> list[dict]:
                 baseline=v.baseline,
                 median_us=statistics.median(v.times) * 1e6,
                 ratio=statistics.median(ratios),
+                ratio_lo=lo,
+                ratio_hi=hi,
                 diff_us=statistics.median(diffs) * 1e6,
             )
         )
     return rows
+
+
+def median_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
+    """A 95% confidence interval of the median of ``values`` (distribution-free: the order
+    statistics at n/2 -+ z*sqrt(n)/2, from the binomial count of values below the median)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    half = z * math.sqrt(n) / 2
+    return ordered[max(0, math.floor(n / 2 - half))], ordered[min(n - 1, math.ceil(n / 2 + half))]
 
 
 def revision() -> str:
@@ -233,14 +247,17 @@ def table(rows: list[dict], title: str) -> str:
     out = [
         f"### {title}",
         "",
-        "| workload | variant | median µs | paired ratio | paired difference µs | vs |",
-        "|---|---|---|---|---|---|",
+        "| workload | variant | median µs | paired ratio | its 95% CI | paired difference µs | vs |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         same = r["name"] == r["baseline"]
         ratio = "1 (baseline)" if same else f"{r['ratio']:.3f}×"
+        ci = "" if same else f"{r['ratio_lo']:.3f}–{r['ratio_hi']:.3f}"
         diff = "" if same else f"{r['diff_us']:+,.0f}"
-        out.append(f"| {r['workload']} | {r['name']} | {r['median_us']:,.0f} | {ratio} | {diff} | {r['baseline']} |")
+        out.append(
+            f"| {r['workload']} | {r['name']} | {r['median_us']:,.0f} | {ratio} | {ci} | {diff} | {r['baseline']} |"
+        )
     return "\n".join(out)
 
 

@@ -41,7 +41,14 @@ def scalar_like(value: float | Tensor, like: Tensor) -> Tensor:
         return value.to(like.device, like.dtype)
     if torch.compiler.is_compiling():
         return torch.full((), value, dtype=like.dtype, device=like.device)
-    return _constant(float(value), like.dtype, like.device)
+    return _recorded(float(value), like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _recorded(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # not _constant: what is recorded in the clip state is never the tensor a decision is made
+    # of, so a user's in-place write to a statistic cannot reach a gradient or a skip
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=64)

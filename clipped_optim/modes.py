@@ -197,10 +197,10 @@ def _clip_on_host(
     hold_flag, _ = open_gate_on_host(gate, total, value)
     hold = hold_flag is not None and bool(hold_flag)
     c = global_norm_coef_host(value, max_norm, total.dtype)
-    # 1.0, the common unclipped case, is a kept constant (read-only, as the threshold)
-    coef = scalar_like(1.0, total) if c == 1.0 else torch.full((), c, dtype=total.dtype, device=total.device)
+    # a new tensor every step, as on the device path: the recorded coefficient is the user's
+    coef = torch.full((), c, dtype=total.dtype, device=total.device)
     if apply and grad_scale is not None:  # unscaled even when held, as on the device
-        scale_(batch, unscaled(scalar_like(1.0, total) if hold else coef, grad_scale, total.device))
+        scale_(batch, unscaled(flag(True, total.device, total.dtype) if hold else coef, grad_scale, total.device))
     elif apply and not hold and c != 1.0:  # x * 1.0 is x: such a step need not multiply
         # by the tensor: the foreach multiply by a Python number is ~4x slower on a CPU
         scale_(batch, coef)

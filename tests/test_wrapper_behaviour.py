@@ -176,3 +176,26 @@ def test_a_skipped_step_does_not_enter_the_spike_window():
     opt.step()
     clip = opt.state["clip"]
     assert int(clip["skipped_steps"]) == 1 and int(clip["spike_count"]) == 3
+
+
+def test_writing_into_a_recorded_statistic_cannot_reach_a_gradient(rule_path):
+    """``all_reduce(opt.state["clip"]["clip_coef"])`` for logging writes in place. The recorded
+    tensors are never the ones a step decides or multiplies with: the clip goes on as torch's,
+    and a non-finite step is still skipped."""
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.zeros(5, 3, requires_grad=True), torch.zeros(4, requires_grad=True)]
+    refs = [torch.zeros_like(p, requires_grad=True) for p in params]
+    opt, ref = ClippedOptimizer(torch.optim.SGD(params, lr=0.1)), torch.optim.SGD(refs, lr=0.1)
+    for scale in (3.0, 0.01, 5.0, 0.02, math.nan, 2.0):
+        for p, r in zip(params, refs):
+            p.grad = torch.randn(p.shape, generator=gen) * scale
+            r.grad = p.grad.clone()
+        if not math.isnan(scale):
+            torch.nn.utils.clip_grad_norm_(refs, 1.0)
+            ref.step()
+        opt.step()
+        for p, r in zip(params, refs):
+            assert torch.equal(p.detach(), r.detach())
+        for key in ("clip_coef", "grad_norm"):  # the hostile write, after every step
+            opt.state["clip"][key].mul_(0.25)
+    assert int(opt.state["clip"]["skipped_steps"]) == 1 and int(opt.state["clip"]["clipped_steps"]) == 3
