@@ -113,7 +113,7 @@ def test_the_host_coefficient_equals_the_tensor_ops(dtype):
     from clipped_optim.modes import global_norm_coef, global_norm_coef_host
 
     totals = _edge_totals(dtype)
-    for max_norm in (1.0, 0.5, 1e-3, 3.3, 0.1, 7e5, 1e-30):
+    for max_norm in (1.0, 0.5, 1e-3, 3.3, 0.1, 7e5, 1e-30, 1e-45, 1e39, INF):
         want = global_norm_coef(totals, max_norm)
         got = torch.tensor([global_norm_coef_host(t, max_norm, dtype) for t in totals.tolist()], dtype=dtype)
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
