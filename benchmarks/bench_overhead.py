@@ -170,6 +170,8 @@ def adaptive_specs(inner_fn: Callable) -> list[tuple[str, str, Callable]]:
     base = "wrapper (default)"
     return [
         (base, base, wrapped(inner_fn)),
+        # the loop a user replaces, in the same rounds: each mode against it is its ratio over this one's
+        (f"clip_grad_norm_ + {inner_fn.__name__}", base, plain(inner_fn)),
         ('mode="zclip"', base, wrapped(inner_fn, mode="zclip")),
         ('mode="autoclip"', base, wrapped(inner_fn, mode="autoclip")),
         ('mode="agc"', base, wrapped(inner_fn, mode="agc")),

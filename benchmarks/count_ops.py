@@ -6,8 +6,8 @@
 A ``TorchDispatchMode`` records every op that reaches the dispatcher during ``opt.step()`` on a
 small model (28 parameters, AdamW foreach, whose ``step`` is replaced by a no-op so that only
 the clip's ops are counted), after ten warm-up steps: the first clip the gradients, which then
-stay within the bound, and a CPU step makes a clipped step's tensors (its coefficient) only
-when it clips. The count is then the same every step.
+stay within the bound, and a CPU step multiplies only when it clips. The count is then the
+same every step.
 ``--time`` also times that clip-only step with ``top_k=3`` and ``top_k=0``, interleaved (medians
 of 2,000 pairs, on 28 and on 400 parameters; machine-dependent).
 ``--modes`` counts each adaptive mode and spike skipping beside the default, in the steady state

@@ -238,8 +238,10 @@ class Recorder:
     history row is stacked into a buffer kept here and written by one ``index_copy_``), and
     two more with attribution (a ``topk`` of the parameter norms written into the same row,
     and a copy of its indices): these ops run on every step, so on a small model they are
-    most of what the wrapper adds to a step. A state dict it has not seen (fresh, loaded,
-    replaced) is re-packed on first use.
+    most of what the wrapper adds to a step. On a CPU step decided on the host (``held``
+    given) two are left: the counters advance by one ``add_`` of a kept increment, and the
+    row is stacked straight into its row of the history, whose index is read from memory. A
+    state dict it has not seen (fresh, loaded, replaced) is re-packed on first use.
     """
 
     __slots__ = (
