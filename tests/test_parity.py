@@ -148,17 +148,28 @@ def test_the_norm_mode_matches_torch_on_both_paths(dtype, norm_type, rule_path):
     assert kinds == {True, False}  # clipped and unclipped steps were both met
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "mixed"])
 def test_half_gradients_take_the_same_bits_on_both_paths(dtype, monkeypatch):
     """Half-precision norms accumulate in float32 (not torch's way, so no torch reference): the
-    host path must still give the device path's bits, with AMP's scale folded in or not."""
+    host path must still give the device path's bits; so must a model of several dtypes, whose
+    total norm is float64 and multiplies every group."""
     from clipped_optim import policy
 
     gen = torch.Generator().manual_seed(6)
-    pairs = [_pair([(7, 3), (5,), (2, 3, 4)], dtype) for _ in range(2)]
+    if dtype == "mixed":
+        dtypes = [torch.float32, torch.float64, torch.bfloat16]
+        pairs = [
+            tuple(
+                [torch.zeros(s, dtype=d, requires_grad=True) for s, d in zip([(7, 3), (5,), (2, 3, 4)], dtypes)]
+                for _ in range(2)
+            )
+            for _ in range(2)
+        ]
+    else:
+        pairs = [_pair([(7, 3), (5,), (2, 3, 4)], dtype) for _ in range(2)]
     opts = [ClippedOptimizer(torch.optim.SGD(ps, lr=0.0), max_norm=0.5) for ps, _ in pairs]
     for scale in (0.01, 1.0, 30.0, float("nan"), 0.3):
-        grads = [(torch.randn(p.shape, generator=gen) * scale).to(dtype) for p in pairs[0][0]]
+        grads = [(torch.randn(p.shape, generator=gen) * scale).to(p.dtype) for p in pairs[0][0]]
         for host, (params, _), opt in zip((True, False), pairs, opts):
             monkeypatch.setattr(policy, "HOST_SCALARS", host)
             for p, g in zip(params, grads):
