@@ -95,12 +95,10 @@ class StepGate:
         if self.sharding is not None:
             self.poison = distributed.unclipped_poison(total, self.sharding)
         everything = total if self.poison is None else total + self.poison
-        if value is not None and self.poison is None:  # read on the host already
-            finite = flag(value < math.inf, total.device)
-        else:
-            # A norm is >= 0 or NaN (the poison is 0 or NaN), so it is finite exactly where it
-            # is below inf: one op, where isfinite is three, on every step.
-            finite = torch.lt(everything, math.inf)
+        # A norm is >= 0 or NaN (the poison is 0 or NaN), so it is finite exactly where it is
+        # below inf: one op, where isfinite is three; none when the caller read the value.
+        known = None if value is None or self.poison is not None else value < math.inf
+        finite = torch.lt(everything, math.inf) if known is None else flag(known, total.device)
         total_finite = finite if self.poison is None else torch.lt(total, math.inf)
         found = self.found_inf
         if self.reporter is not None:  # under ClipGradScaler: the overflow flag is ours to write
@@ -117,8 +115,8 @@ class StepGate:
             # the common case: the step is held exactly when it is not finite (with opted-out
             # groups, a held step's norm may be finite: it must not enter an adaptive history)
             self.proceeded = finite
-            if value is not None and self.poison is None:
-                return self._decided_on_host(finite, not value < math.inf)
+            if known is not None:
+                return self._decided_on_host(finite, not known)
             if policy.on_host(finite.device):
                 return self._decided_on_host(finite, not bool(finite))
             self.hold = self.nonfinite = ~finite

@@ -199,7 +199,7 @@ def _clip_on_host(
     c = global_norm_coef_host(value, max_norm, total.dtype)
     # a new tensor every step, as on the device path: the recorded coefficient is the user's
     coef = torch.full((), c, dtype=total.dtype, device=total.device)
-    if apply and grad_scale is not None:  # unscaled even when held, as on the device
+    if apply and grad_scale is not None:  # unscaled even when held (by 1, a kept constant), as on the device
         scale_(batch, unscaled(flag(True, total.device, total.dtype) if hold else coef, grad_scale, total.device))
     elif apply and not hold and c != 1.0:  # x * 1.0 is x: such a step need not multiply
         # by the tensor: the foreach multiply by a Python number is ~4x slower on a CPU
