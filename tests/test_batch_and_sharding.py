@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from clipped_optim import AGC, AutoClip, ClipGradScaler, ClippedOptimizer, clip_grad_norm, clip_grad_value
+from clipped_optim import AGC, AutoClip, ClipGradScaler, ClippedOptimizer, SpikeSkip, clip_grad_norm, clip_grad_value
 from clipped_optim.distributed import Sharding
 from clipped_optim.norms import GradBatch, tensor_norms, total_norm
 from clipped_optim.policy import run_policy
@@ -175,6 +175,26 @@ def test_a_sharded_wrapper_over_one_process_counts_an_opted_out_nan_as_unsharded
     for key in ("steps", "clipped_steps", "skipped_steps", "nonfinite_steps", "grad_norm", "clip_coef"):
         torch.testing.assert_close(sharded[key], plain[key], rtol=0, atol=0, equal_nan=True)
     assert int(plain["nonfinite_steps"]) == 1 and math.isnan(float(plain["grad_norm"]))
+
+
+def test_a_sharded_wrapper_over_one_process_skips_spikes_as_unsharded_with_propagate(group_of_one):
+    # Sharded, the spike detector is asked after the opted-out groups' poison has arrived, with
+    # nothing else to hold the step (propagate): the same spikes, updates and counters either way.
+    def run(**kwargs):
+        clipped, opted_out = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+        groups = [{"params": [clipped]}, {"params": [opted_out], "clip": False}]
+        skip = SpikeSkip(window=3, sigma=1.0)
+        opt = ClippedOptimizer(torch.optim.SGD(groups, lr=0.1), max_norm=5.0, nonfinite="propagate", skip_spikes=skip)
+        for size in (1.0, 1.1, 0.9, 1.0, 40.0, 1.05):
+            clipped.grad, opted_out.grad = torch.full((3,), size), torch.ones(2)
+            opt.step()
+        return clipped, opt.state["clip"]
+
+    (p, sharded), (q, plain) = run(process_group=group_of_one), run()
+    assert torch.equal(p, q)
+    for key in ("steps", "clipped_steps", "skipped_steps", "spike_count", "grad_norm", "clip_coef"):
+        assert torch.equal(sharded[key], plain[key]), key
+    assert int(plain["skipped_steps"]) == 1  # the spike, and only it
 
 
 def test_a_sharded_wrapper_over_one_process_unscales_an_opted_out_group_as_unsharded(group_of_one):

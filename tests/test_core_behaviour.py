@@ -209,6 +209,29 @@ def test_a_loss_scale_is_left_on_the_gradients_with_apply_false():
     assert torch.equal(got.total_norm, want.total_norm) and torch.equal(got.clip_coef, want.clip_coef)
 
 
+@pytest.mark.parametrize("hold", [False, True], ids=["proceeds", "held"])
+def test_a_plain_gate_is_asked_on_the_host_path_as_on_the_device(hold):
+    """A gate that is only a callable (no ``on_host``) is called with the total on the host
+    path too: a held step leaves the gradients bit-identical, one that proceeds is clipped as
+    torch clips, with the statistics of the device path."""
+    results = []
+    for host in (True, False):
+        grads, asked = _grads(4, scale=3.0), []
+
+        def gate(total):
+            asked.append(total.clone())
+            return torch.tensor(hold), torch.isfinite(total)
+
+        ref = _params_with(grads)
+        if not hold:
+            torch.nn.utils.clip_grad_norm_(ref, 0.5)
+        result = clip_grad_norm(grads, 0.5, gate=gate, host=host)
+        assert _same(grads, [p.grad for p in ref]) and len(asked) == 1 and torch.equal(asked[0], result.total_norm)
+        results.append(result)
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 # -- nothing to clip --------------------------------------------------------------------------------
 @pytest.mark.parametrize("foreach", [None, False], ids=["default", "loop"])
 @pytest.mark.parametrize("mode", ["norm", "per_param", "value"])

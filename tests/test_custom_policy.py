@@ -165,6 +165,25 @@ def test_nan_never_enters_the_state(nonfinite):
         assert torch.equal(opt.state["clip"]["median_ring"], clean_opt.state["clip"]["median_ring"])
 
 
+def test_without_a_gate_a_non_finite_norm_never_enters_the_state(rule_path):
+    """``run_policy`` with no gate (called as a function, not by the wrapper) accepts every
+    finite norm and no other: an inf or NaN step keeps the old state, on both paths (the host
+    path reads the total and decides on its value)."""
+    from clipped_optim.config import ClipConfig
+    from clipped_optim.norms import GradBatch
+    from clipped_optim.policy import run_policy
+
+    cfg = ClipConfig(mode=MedianClip(2.0, 4))
+    cpu, state = torch.device("cpu"), {}
+    for norm in (3.0, math.inf, 5.0, math.nan, 2.0):
+        before = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        run_policy(cfg.policy, cfg.policy_keys, 2.0, GradBatch([torch.tensor([norm])]), None, True, cpu, state)
+        if not math.isfinite(norm):
+            assert before and all(torch.equal(state[k], v) for k, v in before.items())
+    assert int(state["median_count"]) == 3  # the three finite norms, and only those
+    assert torch.equal(state["median_ring"], torch.tensor([3.0, 5.0, 2.0, math.inf]))
+
+
 # -- AMP, fused fold, flat buffers ------------------------------------------------------------------
 @pytest.mark.parametrize("fused", [False, True])
 def test_grad_scaler_equals_unscaled(fused):

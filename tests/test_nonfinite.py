@@ -139,3 +139,28 @@ def test_a_parameter_that_never_has_a_gradient_costs_no_host_sync(device_path):
     with count_host_syncs() as calls:
         opt.step()
     assert calls == [] and idle not in opt.state
+
+
+def test_a_norm_past_float32_from_finite_gradients_is_skipped_under_grad_scaler(rule_path):
+    """Finite gradients whose norm overflows float32 are a non-finite step: GradScaler finds no
+    overflow in them (its flag is 0), and the step is skipped all the same, as without it."""
+
+    def run(scaled: bool):
+        p = nn.Parameter(torch.zeros(2))
+        opt = ClippedOptimizer(torch.optim.SGD([p], lr=0.1, momentum=0.9), max_norm=1.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1000)
+        for size in (1.0, 3e38, 1.0):  # 3e38 is finite; the 2-norm of two of them is not
+            opt.zero_grad()
+            loss = (p * torch.tensor([size, size])).sum()
+            if scaled:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+        clip = opt.state["clip"]
+        return p.detach(), [int(clip[k]) for k in ("steps", "skipped_steps", "nonfinite_steps")]
+
+    (p, counts), (q, plain) = run(True), run(False)
+    assert torch.equal(p, q) and counts == plain == [3, 1, 1]
