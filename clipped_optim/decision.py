@@ -188,5 +188,7 @@ class StepGate:
     def mark_nonfinite(self) -> None:
         """A closure's re-evaluation produced NaN/Inf: the step is skipped after all."""
         finite, hold, _ = self.decided()
-        self.finite, self.hold, self._skip, self._held = torch.zeros_like(finite), torch.ones_like(hold), None, True
+        self.finite, self.hold, self._skip = torch.zeros_like(finite), torch.ones_like(hold), None
         self.nonfinite, self.proceeded = self.hold, self.finite
+        if self._held is not None:  # decided on the host: it stays so (the device path reads nothing)
+            self._held = True

@@ -164,3 +164,20 @@ def test_a_norm_past_float32_from_finite_gradients_is_skipped_under_grad_scaler(
 
     (p, counts), (q, plain) = run(True), run(False)
     assert torch.equal(p, q) and counts == plain == [3, 1, 1]
+
+
+def test_a_closure_marked_nonfinite_stays_on_the_path_its_gate_took(rule_path):
+    """A re-evaluation that went NaN marks the step non-finite after the gate decided: on the
+    device path the decision stays a tensor (the recorder then reads nothing on the host), on a
+    CPU's host path it stays read."""
+    from clipped_optim.decision import StepGate
+
+    p = torch.zeros(3, requires_grad=True)
+    opt = ClippedOptimizer(torch.optim.SGD([p], lr=0.1))
+    gate = StepGate(opt.config, dict(opt._clip_state()))
+    gate(torch.tensor(2.0))
+    assert gate.held_on_host() == (False if rule_path == "host" else None)
+    gate.mark_nonfinite()
+    assert gate.held_on_host() == (True if rule_path == "host" else None)
+    finite, hold, skip = gate.decided()
+    assert gate.held() and not bool(finite) and bool(hold) and float(skip) == 1.0
