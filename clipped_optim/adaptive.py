@@ -41,7 +41,7 @@ from torch import Tensor
 
 from . import _checks as check
 from ._tensors import arange, flag, scalar_like
-from .modes import EPS, HOST_DTYPES, global_norm_coef, rounded_as
+from .modes import EPS, HOST_DTYPES, global_norm_coef, global_norm_coef_host, rounded_as
 from .norms import GradBatch, tensor_norms
 from .policy import ClipDecision, ClipPolicy, StepNorms, check_like
 
@@ -281,13 +281,12 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
 
 def _coef_host(total: Tensor, norm: float, threshold: Tensor) -> Tensor:
     """:func:`_coef` of ``total`` (whose value is ``norm``) computed on the host
-    (:attr:`StepNorms.host`): each of its four ops rounded to its dtype as the tensor op rounds
-    it (``+ * /`` are correctly rounded, so rounding the double result once gives the float32
-    one), then made a tensor once."""
-    dtype, own = torch.promote_types(total.dtype, threshold.dtype), total.dtype
-    x = rounded_as(rounded_as(norm, own) + rounded_as(EPS, own), own)
-    c = rounded_as(rounded_as(1.0 / x, own) * float(threshold), dtype)
-    return torch.full((), c if not c > 1.0 else 1.0, dtype=dtype, device=total.device)
+    (:attr:`StepNorms.host`) by :func:`~clipped_optim.modes.global_norm_coef_host`, with the
+    threshold's dtype taking part in the product as the tensor op promotes it, then made a
+    tensor once."""
+    dtype = torch.promote_types(total.dtype, threshold.dtype)
+    c = global_norm_coef_host(norm, float(threshold), total.dtype, dtype)
+    return torch.full((), c, dtype=dtype, device=total.device)
 
 
 def _coef(norm: Tensor, threshold: Tensor) -> Tensor:

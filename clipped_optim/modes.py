@@ -130,17 +130,21 @@ def rounded_as(value: float, dtype: torch.dtype) -> float:
     return value if dtype == torch.float64 else struct.unpack("f", struct.pack("f", value))[0]
 
 
-def global_norm_coef_host(total: float, max_norm: float, dtype: torch.dtype) -> float:
+def global_norm_coef_host(
+    total: float, max_norm: float, dtype: torch.dtype, out_dtype: torch.dtype | None = None
+) -> float:
     """:func:`global_norm_coef` of a total norm of ``dtype`` whose value was read on the host
     (a CPU step), in Python floats: the same bits, with no tensor op.
 
     torch computes ``max_norm / (total + EPS)`` as ``(total + EPS).reciprocal() * max_norm``,
     each op rounded to ``dtype`` with the Python numbers converted to it first. ``+ * /`` are
     correctly rounded in double, and double has more than twice float32's precision, so
-    rounding the double result once gives the float32 op's result.
+    rounding the double result once gives the float32 op's result. ``out_dtype``: for a bound
+    held in a tensor of another dtype, the dtype the product is promoted to.
     """
+    out = dtype if out_dtype is None else out_dtype
     x = rounded_as(rounded_as(total, dtype) + rounded_as(EPS, dtype), dtype)
-    coef = rounded_as(rounded_as(1.0 / x, dtype) * rounded_as(max_norm, dtype), dtype)
+    coef = rounded_as(rounded_as(1.0 / x, dtype) * rounded_as(max_norm, out), out)
     return coef if not coef > 1.0 else 1.0  # NaN stays NaN, as in clamp
 
 

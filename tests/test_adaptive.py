@@ -1045,3 +1045,22 @@ def test_an_opted_out_groups_nan_decides_whether_the_clipped_norm_enters_autocli
         assert int(clip["skipped_steps"]) == 0
         assert int(clip["autoclip_count"].sum()) == int(before["autoclip_count"].sum()) + 1
         assert 10.0 in clip["autoclip_ring"].flatten().tolist()
+
+
+@pytest.mark.parametrize(
+    "norm_dtype,bound_dtype",
+    [(torch.float32, torch.float32), (torch.float64, torch.float32), (torch.float32, torch.float64)],
+)
+def test_the_host_coefficient_to_a_tensor_bound_equals_the_tensor_ops(norm_dtype, bound_dtype):
+    """AutoClip's coefficient to its quantile (a tensor, of another dtype than the norm when the
+    gradients are float64 or the default dtype is): the same bits and dtype on the host."""
+    from clipped_optim.adaptive import _coef, _coef_host
+
+    gen = torch.Generator().manual_seed(8)
+    norms = torch.exp(torch.empty(3000, dtype=torch.float64).uniform_(-30, 30, generator=gen)).tolist()
+    bounds = torch.exp(torch.empty(3000, dtype=torch.float64).uniform_(-30, 30, generator=gen)).tolist()
+    for n, b in zip(norms + [0.0, math.inf, math.nan], bounds + [1.0, 1.0, 1.0]):
+        total, bound = torch.tensor(n, dtype=norm_dtype), torch.tensor(b, dtype=bound_dtype)
+        want, got = _coef(total, bound), _coef_host(total, float(total), bound)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
