@@ -156,17 +156,8 @@ def test_half_gradients_take_the_same_bits_on_both_paths(dtype, monkeypatch):
     from clipped_optim import policy
 
     gen = torch.Generator().manual_seed(6)
-    if dtype == "mixed":
-        dtypes = [torch.float32, torch.float64, torch.bfloat16]
-        pairs = [
-            tuple(
-                [torch.zeros(s, dtype=d, requires_grad=True) for s, d in zip([(7, 3), (5,), (2, 3, 4)], dtypes)]
-                for _ in range(2)
-            )
-            for _ in range(2)
-        ]
-    else:
-        pairs = [_pair([(7, 3), (5,), (2, 3, 4)], dtype) for _ in range(2)]
+    dtypes = [torch.float32, torch.float64, torch.bfloat16] if dtype == "mixed" else [dtype] * 3
+    pairs = [_pair([(7, 3), (5,), (2, 3, 4)], dtypes) for _ in range(2)]
     opts = [ClippedOptimizer(torch.optim.SGD(ps, lr=0.0), max_norm=0.5) for ps, _ in pairs]
     for scale in (0.01, 1.0, 30.0, float("nan"), 0.3):
         grads = [(torch.randn(p.shape, generator=gen) * scale).to(p.dtype) for p in pairs[0][0]]
@@ -183,8 +174,10 @@ def test_half_gradients_take_the_same_bits_on_both_paths(dtype, monkeypatch):
     assert int(opts[0].state["clip"]["skipped_steps"]) == 1
 
 
-def _pair(shapes, dtype):
-    return tuple([torch.zeros(s, dtype=dtype, requires_grad=True) for s in shapes] for _ in range(2))
+def _pair(shapes, dtypes):
+    """Two lists of zero parameters of ``shapes``: one dtype for all, or one per shape."""
+    dtypes = [dtypes] * len(shapes) if isinstance(dtypes, torch.dtype) else dtypes
+    return tuple([torch.zeros(s, dtype=d, requires_grad=True) for s, d in zip(shapes, dtypes)] for _ in range(2))
 
 
 def _set_grads(params, refs, scale, gen):
