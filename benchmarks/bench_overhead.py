@@ -28,8 +28,8 @@ views, which that ``zero_grad()`` keeps), then times every variant once, in a sh
 variant's time is divided by its baseline's in the same round (a paired ratio); the tables show
 median times and the median paired ratio, so a slow-down of the shared machine hits both sides
 of a ratio alike, with a 95% confidence interval of that median (order statistics: it says
-how far another run on the same machine may land). One intra-op thread (``--threads``) unless asked: on a shared 2-core machine a
-second thread waits for a descheduled sibling.
+how far another run on the same machine may land). One intra-op thread (``--threads``) unless
+asked: on a shared 2-core machine a second thread waits for a descheduled sibling.
 """
 
 from __future__ import annotations
