@@ -12,7 +12,8 @@ Three tables:
   (``nonfinite="propagate"``): what each part of the statistics and the step's one host read cost;
   and both with a bound the gradients never reach (a step that is not clipped).
 * **Adaptive**: ``mode="zclip"``, ``"autoclip"``, ``"agc"`` and ``skip_spikes=True`` against the
-  default wrapper (what choosing the mode costs, per step).
+  default wrapper (what choosing the mode costs, per step), and AGC's floor: the default step
+  plus only the unit-norm kernels AGC must run (what any AGC costs at least, in eager mode).
 * **Fixed cost**: the clip alone (an inner optimizer whose ``step`` does nothing), minus the
   kernels it must run (one foreach norm and one foreach multiply of the same gradients, timed
   alone): what each of ``clip_grad_norm_`` and the wrapper spends besides those kernels.
@@ -173,6 +174,29 @@ def step_specs(workload: str, inner_fn: Callable) -> list[tuple[str, str, Callab
     return specs
 
 
+def agc_floor(inner_fn: Callable) -> Callable:
+    """The default wrapper's step plus the kernels AGC cannot do without, timed with nothing
+    else of AGC: the unit norms of the weights and of the gradients (one row-norm kernel per
+    matrix, one foreach norm of the <= 1-D weights; the default step already has those
+    gradients' norms). What ``mode="agc"`` costs at the very least, however its rule is written."""
+
+    def make(params):
+        opt = ClippedOptimizer(inner_fn(params))
+        matrices = [p for p in params if p.ndim > 1]
+        vectors = [p for p in params if p.ndim <= 1]
+
+        def run():
+            torch._foreach_norm(vectors)
+            for p in matrices:
+                torch.linalg.vector_norm(p, 2, dim=tuple(range(1, p.ndim)))
+                torch.linalg.vector_norm(p.grad, 2, dim=tuple(range(1, p.ndim)))
+            opt.step()
+
+        return run
+
+    return make
+
+
 def adaptive_specs(inner_fn: Callable) -> list[tuple[str, str, Callable]]:
     base = "wrapper (default)"
     return [
@@ -182,6 +206,7 @@ def adaptive_specs(inner_fn: Callable) -> list[tuple[str, str, Callable]]:
         ('mode="zclip"', base, wrapped(inner_fn, mode="zclip")),
         ('mode="autoclip"', base, wrapped(inner_fn, mode="autoclip")),
         ('mode="agc"', base, wrapped(inner_fn, mode="agc")),
+        ("wrapper (default) + AGC's unit norms alone", base, agc_floor(inner_fn)),
         ("skip_spikes=True", base, wrapped(inner_fn, skip_spikes=True)),
     ]
 

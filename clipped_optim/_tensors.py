@@ -1,14 +1,17 @@
-"""Small tensors made without a host-to-device copy in the step (one place for both tricks)."""
+"""Small tensors made without a host-to-device copy in the step (one place for both tricks),
+and a CPU tensor's memory read and written from Python without a dispatched op."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["index_tensor", "scalar_like", "arange", "flag", "empty"]
+__all__ = ["index_tensor", "scalar_like", "arange", "flag", "empty", "host_memory"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -82,3 +85,27 @@ def empty(device: torch.device, dtype: torch.dtype) -> Tensor:
     if torch.compiler.is_compiling():
         return torch.zeros(0, dtype=dtype, device=device)
     return _empty(torch.device(device), dtype)
+
+
+_C_TYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
+
+
+def host_memory(t: Tensor) -> ctypes.Array[Any]:
+    """The elements of ``t`` (a contiguous CPU tensor of float32 or float64) as a ctypes array
+    over its own memory, in row-major order.
+
+    On a CPU a rule that decides on the host reads and moves a few values of a history every
+    step: indexing the tensor or ``searchsorted`` is a dispatched op (1-3 us each, more with
+    cold caches), an element of this array one C load or store, and ``bisect`` on it a
+    ``searchsorted`` of the same result. It is a view: the caller keeps ``t`` alive while it
+    uses it, and writes only into a tensor it has just made (a clone), because a write through
+    it bypasses autograd and the version counter.
+    """
+    if t.dtype not in _C_TYPES or not t.is_cpu or not t.is_contiguous():
+        raise ValueError(f"host_memory needs a contiguous CPU float32/float64 tensor, got {t.dtype} on {t.device}")
+    return _array_type(t.dtype, t.numel()).from_address(t.data_ptr())
+
+
+@functools.lru_cache(maxsize=64)
+def _array_type(dtype: torch.dtype, n: int) -> type[ctypes.Array[Any]]:
+    return _C_TYPES[dtype] * n

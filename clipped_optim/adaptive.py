@@ -31,6 +31,8 @@ References:
 
 from __future__ import annotations
 
+import bisect
+import ctypes
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ import torch
 from torch import Tensor
 
 from . import _checks as check
-from ._tensors import arange, flag, scalar_like
+from ._tensors import arange, flag, host_memory, scalar_like
 from .modes import EPS, HOST_DTYPES, global_norm_coef, global_norm_coef_host, rounded_as
 from .norms import GradBatch, tensor_norms
 from .policy import ClipDecision, ClipPolicy, StepNorms, check_like
@@ -236,47 +238,69 @@ def quantile_sorted(sorted_: Tensor, count: Tensor, q: float) -> Tensor:
 
 
 def quantile_sorted_host(row: Tensor, count: int, q: float) -> Tensor:
-    """:func:`quantile_sorted` of one ascending row in host memory (:attr:`StepNorms.host`),
-    0-dim: the rank is computed on the host, rounded to the row's dtype as on the device (an
-    exact product, rounded once), and the two values it falls between are interpolated by the
-    same ``lerp`` kernel."""
-    n = min(count, row.shape[0])
+    """:func:`quantile_sorted` of one ascending row in host memory (:attr:`StepNorms.host`;
+    shape ``(L,)`` or ``(1, L)``), 0-dim: see :func:`_quantile_in_memory`."""
+    row = row.contiguous()  # kept alive while its memory is read
+    return _quantile_in_memory(host_memory(row), count, q, row.dtype)
+
+
+def _quantile_in_memory(values: ctypes.Array[Any], count: int, q: float, dtype: torch.dtype) -> Tensor:
+    """:func:`quantile_sorted` of the ascending ``values`` of a CPU row of ``dtype``: the rank
+    is computed on the host, rounded to the row's dtype as on the device (an exact product,
+    rounded once), and the two values it falls between are interpolated by the same ``lerp``
+    kernel. A new tensor: never a view of the history."""
+    n = min(count, len(values))
     if n == 0:
-        return torch.full((), math.inf, dtype=row.dtype, device=row.device)
-    rank = _rounded(_rounded(q, row.dtype) * (n - 1), row.dtype)
+        return torch.full((), math.inf, dtype=dtype, device="cpu")
+    rank = _rounded(_rounded(q, dtype) * (n - 1), dtype)
     below = int(rank)
+    lo = torch.full((), values[below], dtype=dtype, device="cpu")
     if rank == below:
-        return row[below].clone()  # not a view: the recorded threshold must not alias the history
+        return lo
     # a float weight is lerp's other overload: the same kernel, checked to give the same bits
-    return torch.lerp(row[below], row[below + 1], rank - below)
+    return torch.lerp(lo, torch.full((), values[below + 1], dtype=dtype, device="cpu"), rank - below)
 
 
 def sorted_ring_push_host(ring: Tensor, sorted_: Tensor, count: int, value: float) -> tuple[Tensor, Tensor]:
     """:func:`sorted_ring_push` of one row in host memory (:attr:`StepNorms.host`), for a
-    finite ``value``: the evicted slot and the new one are found on the host, and the values
-    between them move by one slice copy. ``ring``, ``sorted_``: ``(1, L)``; returns new ones."""
-    pos = count % ring.shape[1]
+    finite ``value``: new copies of ``ring`` and ``sorted_`` (``(1, L)``), changed in their
+    memory by :func:`_push_in_memory`."""
+    ring, sorted_ = _copies(ring, sorted_)
+    _push_in_memory(ring, sorted_, count, value)
+    return ring, sorted_
+
+
+def _copies(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """New contiguous copies, to be changed in their memory (the originals stay as they were,
+    for a step whose new state is not kept)."""
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in tensors)
+
+
+def _push_in_memory(ring: Tensor, sorted_: Tensor, count: int, value: float) -> None:
+    """:func:`sorted_ring_push` of one row, in the memory of the contiguous CPU ``ring`` and
+    ``sorted_`` (``(1, L)``): ``bisect`` finds the evicted slot and the new one as
+    ``searchsorted`` does, and the values between them move by one ``memmove``."""
+    slots, values = host_memory(ring), host_memory(sorted_)
+    pos = count % len(slots)
     new = _rounded(value, ring.dtype)
-    d = int(torch.searchsorted(sorted_, ring.narrow(1, pos, 1)))  # where the evicted value sits
-    at = int(torch.searchsorted(sorted_[0], new))
+    d = bisect.bisect_left(values, slots[pos])  # where the evicted value sits
+    at = bisect.bisect_left(values, new)
     # where the new one goes once the evicted is gone: one slot lower when the evicted value was
     # below it, which is exactly when the new one's slot is past the evicted one's
     i = at - (at > d)
-    row = sorted_.clone()
-    if d != i:
-        lo, hi = min(d, i), max(d, i)  # the values between shift by one, towards the evicted slot
-        row.narrow(1, lo + (d > i), hi - lo).copy_(sorted_.narrow(1, lo + (d < i), hi - lo))
-    row.narrow(1, i, 1).fill_(new)
-    out = ring.clone()
-    out.narrow(1, pos, 1).fill_(new)
-    return out, row
+    if d != i:  # the values between shift by one, towards the evicted slot (memmove: they overlap)
+        lo, size, base = min(d, i), sorted_.element_size(), sorted_.data_ptr()
+        ctypes.memmove(base + (lo + (d > i)) * size, base + (lo + (d < i)) * size, abs(d - i) * size)
+    values[i] = slots[pos] = new
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:
     """``value`` (>= 0) rounded to ``dtype`` (float32 or float64) as a tensor of that dtype
     holds it, and at most its largest finite value (see :func:`sorted_ring_push`)."""
-    # native "f" packs as a C cast: to nearest, inf beyond the range (then clamped)
-    return min(rounded_as(value, dtype), torch.finfo(dtype).max)
+    return min(rounded_as(value, dtype), _LARGEST[dtype])
+
+
+_LARGEST = {dtype: torch.finfo(dtype).max for dtype in HOST_DTYPES}
 
 
 def _coef_host(total: Tensor, norm: float, threshold: Tensor) -> Tensor:
@@ -349,7 +373,7 @@ class AutoClip(ClipPolicy):
 
     def rule(self, norms: StepNorms, state: Mapping[str, Any]) -> ClipDecision:
         ring, sorted_, count = state["autoclip_ring"], state["autoclip_sorted"], state["autoclip_count"]
-        if not self.per_param and norms.host and ring.dtype in HOST_DTYPES:
+        if not self.per_param and norms.host and ring.dtype in HOST_DTYPES and ring.is_cpu:
             return self._rule_on_host(norms.total_norm, ring, sorted_, count)
         if not self.per_param:
             threshold = quantile_sorted(sorted_, count, self.quantile)[0]
@@ -383,10 +407,11 @@ class AutoClip(ClipPolicy):
     def _rule_on_host(self, total: Tensor, ring: Tensor, sorted_: Tensor, count: Tensor) -> ClipDecision:
         """The global :meth:`rule` deciding on the host (:attr:`StepNorms.host`): the same numbers."""
         seen, norm = int(count), float(total)
-        threshold = quantile_sorted_host(sorted_[0], seen, self.quantile)
+        ring, sorted_ = _copies(ring, sorted_)  # the next state: read, then changed in their memory
+        threshold = _quantile_in_memory(host_memory(sorted_), seen, self.quantile, sorted_.dtype)
         new = {}
         if math.isfinite(norm):  # else the step is not accepted, and its state not kept
-            ring, sorted_ = sorted_ring_push_host(ring, sorted_, seen, norm)
+            _push_in_memory(ring, sorted_, seen, norm)
             new = dict(autoclip_ring=ring, autoclip_sorted=sorted_, autoclip_count=count + 1)
         exact = total.dtype in HOST_DTYPES and threshold.dtype in HOST_DTYPES
         coef = _coef_host(total, norm, threshold) if exact else _coef(total, threshold)
@@ -645,25 +670,30 @@ def spike_test(window: Tensor, count: Tensor, norm: Tensor, sigma: float, min_co
     mean = window.mul(valid).sum() / nf.clamp(min=1)
     dev = (window - mean).mul_(valid)
     std = (dev.dot(dev) / (nf - 1).clamp(min=1)).sqrt()
+    # a full window (every step once the first W are in) is one std_mean, as the host path takes it
+    full_std, full_mean = torch.std_mean(window)
+    full = n == length
+    mean, std = torch.where(full, full_mean, mean), torch.where(full, full_std, std)
     bound = mean + std * sigma  # two roundings, as in Python (torch.add(alpha=) fuses a multiply-add)
     return (n >= min_count) & (norm.to(window.dtype) > bound), bound
 
 
 def spike_test_host(window: Tensor, count: int, norm: float, sigma: float, min_count: int) -> tuple[bool, float]:
-    """:func:`spike_test` for a window in host memory (:attr:`StepNorms.host`): its two
-    reductions stay tensor ops (the same sums, so the same bits) and the rest is Python; a full
-    window needs no mask (multiplying by 1 changes nothing)."""
+    """:func:`spike_test` for a window in host memory (:attr:`StepNorms.host`): its
+    reductions stay tensor ops (the same ones, so the same bits) and the rest is Python. A full
+    window takes one ``std_mean``; a partial one (the first W steps) the masked sums."""
     length = window.shape[0]
     n = min(count, length)
-    valid = torch.lt(arange(length, window.device), n) if n < length else None
-    total = window.sum() if valid is None else window.mul(valid).sum()
-    mean = float(total) / max(n, 1)
-    dev = window - mean
-    if valid is not None:
-        dev.mul_(valid)
-    # torch's sqrt, not math.sqrt: on a CPU it is not always correctly rounded (1% of doubles
-    # differ in the last bit), and the two paths must give the same bits
-    std = float((dev.dot(dev) / max(n - 1, 1)).sqrt())
+    if n == length:
+        std_t, mean_t = torch.std_mean(window)
+        mean, std = float(mean_t), float(std_t)
+    else:
+        valid = torch.lt(arange(length, window.device), n)
+        mean = float(window.mul(valid).sum()) / max(n, 1)
+        dev = (window - mean).mul_(valid)
+        # torch's sqrt, not math.sqrt: on a CPU it is not always correctly rounded (1% of doubles
+        # differ in the last bit), and the two paths must give the same bits
+        std = float((dev.dot(dev) / max(n - 1, 1)).sqrt())
     bound = mean + std * sigma
     return n >= min_count and norm > bound, bound
 
@@ -705,7 +735,7 @@ class SpikeSkip(ClipPolicy):
 
     def rule(self, norms: StepNorms, state: Mapping[str, Any]) -> ClipDecision:
         ring, count = state["spike_ring"], state["spike_count"]
-        if norms.host and ring.dtype == torch.float64:
+        if norms.host and ring.dtype == torch.float64 and ring.is_cpu:
             return self._rule_on_host(norms.total_norm, ring, count)
         total = norms.total_norm.to(ring.dtype)
         spike, bound = spike_test(ring, count, total, self.sigma, self._min_count())
@@ -718,8 +748,8 @@ class SpikeSkip(ClipPolicy):
         """:meth:`rule` deciding in Python floats (:attr:`StepNorms.host`): the same numbers."""
         seen, norm = int(count), float(total)
         spike, bound = spike_test_host(ring, seen, norm, self.sigma, self._min_count())
-        ring = ring.clone()
-        ring.narrow(0, seen % self.window, 1).fill_(bound if spike else norm)
+        ring = ring.clone(memory_format=torch.contiguous_format)
+        host_memory(ring)[seen % self.window] = bound if spike else norm
         new = dict(spike_ring=ring, spike_count=_host_scalar(seen + 1, count))
         # no threshold: a skip policy's is never read (it is never a mode=)
         return ClipDecision(skip=flag(spike, ring.device), state=new)

@@ -13,6 +13,7 @@ import importlib.util
 import io
 import math
 import os
+import statistics
 from fractions import Fraction
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from clipped_optim import AGC, AutoClip, ClippedOptimizer, SpikeSkip, ZClip, policy
+from clipped_optim._tensors import host_memory
 from clipped_optim.adaptive import (
     quantile_sorted,
     quantile_sorted_host,
@@ -561,8 +563,9 @@ def test_host_helpers_equal_the_tensor_ones():
     """The host versions of the sorted ring, its quantile and the spike test, on random
     histories with ties, partly filled and wrapped: the same bits as the tensor functions."""
     gen = torch.Generator().manual_seed(3)
-    for length in (1, 2, 5, 64):
-        ring = torch.full((1, length), math.inf)
+    cases = [(1, torch.float32), (2, torch.float32), (5, torch.float64), (64, torch.float32), (64, torch.float64)]
+    for length, dtype in cases:
+        ring = torch.full((1, length), math.inf, dtype=dtype)  # float64 under torch.set_default_dtype
         sorted_, count = ring.clone(), torch.zeros(1, dtype=torch.long)
         window = torch.zeros(length + 3, dtype=torch.float64)
         for step in range(3 * length + 4):
@@ -572,7 +575,9 @@ def test_host_helpers_equal_the_tensor_ones():
             value = torch.randint(0, 4, (1,), generator=gen).double() * torch.rand(1, generator=gen)  # with ties
             if step == length + 1:
                 value.fill_(1e39)  # a float64 norm beyond float32: held as float32's largest, not inf
+            before = ring.clone(), sorted_.clone()
             host = sorted_ring_push_host(ring, sorted_, int(count), float(value))
+            assert torch.equal(ring, before[0]) and torch.equal(sorted_, before[1])  # new copies: the old state kept
             ring, sorted_, count = sorted_ring_push(ring, sorted_, count, value)
             assert torch.equal(host[0], ring) and torch.equal(host[1], sorted_)
             assert not sorted_[0, : int(count)].isinf().any()  # so every quantile stays a number
@@ -580,6 +585,51 @@ def test_host_helpers_equal_the_tensor_ones():
             spike, bound = spike_test(window, torch.tensor(step), torch.tensor(norm), 1.5, 3)
             assert spike_test_host(window, step, norm, 1.5, 3) == (bool(spike), float(bound))
             window[step % window.shape[0]] = float(value)
+
+
+def test_the_spike_bound_is_the_windows_mean_plus_sigma_sample_deviations():
+    """Against Python's ``statistics`` on the same norms: partial windows (the masked sums) and
+    full ones (one ``std_mean``), on both paths (the device path picks between the two)."""
+    gen = torch.Generator().manual_seed(5)
+    length = 9
+    for count in (3, 5, 8, 9, 10, 31):
+        window = torch.zeros(length, dtype=torch.float64)
+        filled = torch.rand(min(count, length), generator=gen, dtype=torch.float64) * 4 + 1
+        window[: filled.numel()] = filled
+        values = filled.tolist()
+        want = statistics.mean(values) + 2.5 * statistics.stdev(values)
+        for norm in (want * 0.999, want * 1.001):
+            spike, bound = spike_test(window, torch.tensor(count), torch.tensor(norm), 2.5, 4)
+            assert float(bound) == pytest.approx(want, rel=1e-13)
+            assert bool(spike) == (count >= 4 and norm > want)
+            assert spike_test_host(window, count, norm, 2.5, 4) == (bool(spike), float(bound))
+
+
+def test_the_host_quantile_reads_a_strided_row():
+    """A history loaded as a view with strides (a checkpoint's slice): read as its values."""
+    base = torch.sort(torch.rand(1, 40, generator=torch.Generator().manual_seed(6))).values
+    row = base[:, ::2]
+    assert not row.is_contiguous()
+    for count in (0, 1, 7, 20, 25):
+        for q in (0.0, 0.35, 0.9, 1.0):
+            want = quantile_sorted(row, torch.tensor([count]), q)[0]
+            assert torch.equal(quantile_sorted_host(row, count, q), want)
+
+
+def test_host_memory_is_the_tensors_own_memory():
+    """Reads give the values the tensor holds, writes land in it, in row-major order; anything
+    but a contiguous CPU float32/float64 tensor is refused."""
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3) / 3
+    mem = host_memory(t)
+    assert list(mem) == t.flatten().tolist()
+    mem[4] = 0.1  # rounded to float32 as the tensor would hold it
+    assert t[1, 1].item() == torch.tensor(0.1).item()
+    d = torch.zeros(3, dtype=torch.float64)
+    host_memory(d)[2] = 0.1
+    assert d[2].item() == 0.1
+    for bad in (t.t(), t.half(), t.long(), torch.zeros(3, device="meta")):
+        with pytest.raises(ValueError, match="contiguous CPU float32/float64"):
+            host_memory(bad)
 
 
 # -- robustness: one NaN gradient ---------------------------------------------------------------
