@@ -418,7 +418,7 @@ class AutoClip(ClipPolicy):
         new = {}
         if math.isfinite(norm):  # else the step is not accepted, and its state not kept
             _push_in_memory(ring, sorted_, seen, norm)
-            new = dict(autoclip_ring=ring, autoclip_sorted=sorted_, autoclip_count=count + 1)
+            new = dict(autoclip_ring=ring, autoclip_sorted=sorted_, autoclip_count=torch.full_like(count, seen + 1))
         exact = total.dtype in HOST_DTYPES and threshold.dtype in HOST_DTYPES
         coef = _coef_host(total, norm, threshold) if exact else _coef(total, threshold)
         return ClipDecision(coef=coef, threshold=threshold, state=new)
