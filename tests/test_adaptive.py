@@ -632,6 +632,62 @@ def test_host_memory_is_the_tensors_own_memory():
             host_memory(bad)
 
 
+@pytest.mark.parametrize("norm_type", [1.0, math.inf])
+def test_agc_in_another_norm_type_equals_timm(norm_type, timm_agc):
+    """AGC measures its units, weights and gradients alike, in the optimizer's ``norm_type``,
+    as timm's ``norm_type=``: the rows of the 2-D and 3-D weights too, not only the whole of
+    the biases and the LayerNorm's."""
+    ref, ours = make_model(), make_model()
+    ref_opt = sgd(ref)
+    opt = ClippedOptimizer(sgd(ours), mode=AGC(clip_factor=0.01, eps=1e-3), norm_type=norm_type)
+    for x, f in data(20):
+        backward(ref, x, f)
+        timm_agc.adaptive_clip_grad(ref.parameters(), clip_factor=0.01, eps=1e-3, norm_type=norm_type)
+        ref_opt.step()
+        backward(ours, x, f)
+        opt.step()
+        assert params_equal(ref, ours)
+    assert int(opt.state["clip"]["clipped_steps"]) > 0
+
+
+def test_the_host_quantile_is_made_on_the_cpu_whatever_the_default_device():
+    """The host quantile of a CPU history is a CPU tensor under another default device
+    (``torch.set_default_device``, here its context): an empty history's ``inf``, a value
+    read as it is, and one interpolated between two."""
+    row = torch.tensor([1.0, 2.0, 4.0, math.inf])
+    cases = [(0, 0.5), (3, 0.5), (3, 0.25)]  # empty; rank 1 exactly; rank 0.5
+    with torch.device("meta"):
+        got = [quantile_sorted_host(row, count, q) for count, q in cases]
+    for (count, q), value in zip(cases, got):
+        assert value.device == torch.device("cpu"), (count, q)
+        assert torch.equal(value, quantile_sorted(row.unsqueeze(0), torch.tensor([count]), q)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autoclip_on_a_half_precision_total_decides_on_the_host_as_on_the_device(dtype):
+    """``AutoClip.rule`` asked directly (a policy of the user's delegating to it) with a total
+    norm of a dtype the host arithmetic does not reproduce: the host rule takes the tensor ops
+    for the coefficient, so both paths give the same bits, clipping and not."""
+    rule = AutoClip(quantile=0.5, history_length=4)
+    cpu = torch.device("cpu")
+    states = [rule.init_state(1, cpu), rule.init_state(1, cpu)]
+    gen = torch.Generator().manual_seed(10)
+    clipped = 0
+    for _ in range(12):
+        total = (torch.rand((), generator=gen) * 10 + 0.1).to(dtype)
+        out = []
+        for host, state in zip((True, False), states):
+            norms = policy.StepNorms(total, torch.zeros(0), [], [], [], 1, 2.0, None, False, cpu, host)
+            decision = rule.rule(norms, state)
+            state.update(decision.state)
+            out.append(decision)
+        (h, d) = out
+        assert h.coef.dtype == d.coef.dtype and torch.equal(h.coef, d.coef)
+        assert torch.equal(h.threshold, d.threshold)
+        clipped += bool(d.coef < 1)
+    assert clipped > 0
+
+
 # -- robustness: one NaN gradient ---------------------------------------------------------------
 def test_nonfinite_step_poisons_peers_but_not_ours():
     nan_at = 35

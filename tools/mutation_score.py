@@ -34,6 +34,7 @@ KILLED = {1, 3}
 TIMEOUT = {24, -24, 152, 255, 36}  # killed by the CPU-time limit: counted as killed, as mutmut does
 SURVIVED = {0}
 NO_TESTS = {5, 33}
+CRASHED = {-11}  # SIGSEGV: the tests died of the change (a mutated ctypes call), so it was noticed
 
 
 def _squash(code: str) -> str:
@@ -99,9 +100,9 @@ def main(argv: list[str]) -> int:
         ):
             if code is None:
                 counts["not run"] += 1
-            elif code in KILLED or code in TIMEOUT:
+            elif code in KILLED or code in TIMEOUT or code in CRASHED:
                 counts["killed"] += 1
-            else:  # survived, no tests, suspicious, segfault: not killed, unless equivalent
+            else:  # survived, no tests, suspicious: not killed, unless equivalent
                 change = change_of(name, module)
                 if (function_of(name), change) in listed:
                     counts["equivalent"] += 1
