@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _device_has_foreach_support
 
+from ._tensors import on_device
 from .distributed import Sharding, reduce_total_norm
 
 if TYPE_CHECKING:
@@ -178,8 +179,7 @@ def scale_(batch: GradBatch, coef: Tensor) -> None:
 def scale_each_(batch: GradBatch, coefs: Sequence[Tensor]) -> None:
     """Multiply ``batch.tensors[i]`` in place by ``coefs[i]`` (0-dim, or broadcast over it)."""
     for (device, _), (group, idx) in batch.groups.items():
-        # a device compare costs a fifth of a .to() that has nothing to move (17 us on 28 tensors)
-        cs = [c if c.device == device else c.to(device, non_blocking=True) for c in (coefs[i] for i in idx)]
+        cs = [on_device(coefs[i], device, non_blocking=True) for i in idx]
         if batch.use_foreach(device):
             torch._foreach_mul_(group, cs)
         else:
