@@ -238,16 +238,12 @@ def quantile_sorted(sorted_: Tensor, count: Tensor, q: float) -> Tensor:
 
 def quantile_sorted_host(row: Tensor, count: int, q: float) -> Tensor:
     """:func:`quantile_sorted` of one ascending row in host memory (:attr:`StepNorms.host`;
-    shape ``(L,)`` or ``(1, L)``), 0-dim: see :func:`_quantile_in_memory`."""
+    shape ``(L,)`` or ``(1, L)``), 0-dim: the rank is computed on the host, rounded to the row's
+    dtype as on the device (an exact product, rounded once), the two values it falls between
+    are read from memory (:func:`~clipped_optim._tensors.host_memory`) and interpolated by the
+    same ``lerp`` kernel. A new tensor: never a view of the history."""
     row = row.contiguous()  # kept alive while its memory is read
-    return _quantile_in_memory(host_memory(row), count, q, row.dtype)
-
-
-def _quantile_in_memory(values: ctypes.Array[Any], count: int, q: float, dtype: torch.dtype) -> Tensor:
-    """:func:`quantile_sorted` of the ascending ``values`` of a CPU row of ``dtype``: the rank
-    is computed on the host, rounded to the row's dtype as on the device (an exact product,
-    rounded once), and the two values it falls between are interpolated by the same ``lerp``
-    kernel. A new tensor: never a view of the history."""
+    values, dtype = host_memory(row), row.dtype
     n = min(count, len(values))
     if n == 0:
         return torch.full((), math.inf, dtype=dtype, device="cpu")
@@ -262,23 +258,12 @@ def _quantile_in_memory(values: ctypes.Array[Any], count: int, q: float, dtype: 
 
 def sorted_ring_push_host(ring: Tensor, sorted_: Tensor, count: int, value: float) -> tuple[Tensor, Tensor]:
     """:func:`sorted_ring_push` of one row in host memory (:attr:`StepNorms.host`), for a
-    finite ``value``: new copies of ``ring`` and ``sorted_`` (``(1, L)``), changed in their
-    memory by :func:`_push_in_memory`."""
-    ring, sorted_ = _copies(ring, sorted_)
-    _push_in_memory(ring, sorted_, count, value)
-    return ring, sorted_
-
-
-def _copies(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """New contiguous copies, to be changed in their memory (the originals stay as they were,
-    for a step whose new state is not kept)."""
-    return tuple(t.clone(memory_format=torch.contiguous_format) for t in tensors)
-
-
-def _push_in_memory(ring: Tensor, sorted_: Tensor, count: int, value: float) -> None:
-    """:func:`sorted_ring_push` of one row, in the memory of the contiguous CPU ``ring`` and
-    ``sorted_`` (``(1, L)``): ``bisect`` finds the evicted slot and the new one as
-    ``searchsorted`` does, and the values between them move by one ``memmove``."""
+    finite ``value``: new copies of ``ring`` and ``sorted_`` (``(1, L)``; the originals stay as
+    they were, for a step whose state is not kept), changed in their memory
+    (:func:`~clipped_optim._tensors.host_memory`): ``bisect`` finds the evicted slot and the new
+    one as ``searchsorted`` does, and the values between them move by one ``memmove``."""
+    ring = ring.clone(memory_format=torch.contiguous_format)
+    sorted_ = sorted_.clone(memory_format=torch.contiguous_format)
     slots, values = host_memory(ring), host_memory(sorted_)
     pos = count % len(slots)
     new = _rounded(value, ring.dtype)
@@ -291,6 +276,7 @@ def _push_in_memory(ring: Tensor, sorted_: Tensor, count: int, value: float) -> 
         lo, size, base = min(d, i), sorted_.element_size(), sorted_.data_ptr()
         ctypes.memmove(base + (lo + (d > i)) * size, base + (lo + (d < i)) * size, abs(d - i) * size)
     values[i] = slots[pos] = new
+    return ring, sorted_
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:
@@ -406,11 +392,10 @@ class AutoClip(ClipPolicy):
     def _rule_on_host(self, total: Tensor, ring: Tensor, sorted_: Tensor, count: Tensor) -> ClipDecision:
         """The global :meth:`rule` deciding on the host (:attr:`StepNorms.host`): the same numbers."""
         seen, norm = int(count), float(total)
-        ring, sorted_ = _copies(ring, sorted_)  # the next state: read, then changed in their memory
-        threshold = _quantile_in_memory(host_memory(sorted_), seen, self.quantile, sorted_.dtype)
+        threshold = quantile_sorted_host(sorted_, seen, self.quantile)
         new = {}
         if math.isfinite(norm):  # else the step is not accepted, and its state not kept
-            _push_in_memory(ring, sorted_, seen, norm)
+            ring, sorted_ = sorted_ring_push_host(ring, sorted_, seen, norm)
             new = dict(autoclip_ring=ring, autoclip_sorted=sorted_, autoclip_count=torch.full_like(count, seen + 1))
         exact = total.dtype in HOST_DTYPES and threshold.dtype in HOST_DTYPES
         coef = _coef_host(total, norm, threshold) if exact else _coef(total, threshold)
